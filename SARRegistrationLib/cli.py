@@ -1,0 +1,176 @@
+"""Command line: ``python -m SARRegistrationLib register | train | evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .devices import DEVICE_CHOICES, resolve_device
+from .errors import SARError
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data"
+SAMPLE = {"reference": SAMPLE_DIR / "brain_pd.nrrd", "floating": SAMPLE_DIR / "sample_floating_t1.nrrd",
+          "reference_mask": SAMPLE_DIR / "brain_ventricles.nrrd",
+          "floating_mask": SAMPLE_DIR / "sample_floating_ventricles.nrrd"}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SARError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m SARRegistrationLib",
+                                     description="SAR deformable registration (segmentation augmented GAN).")
+    commands = parser.add_subparsers(required=True, metavar="{register,train,evaluate}")
+
+    register = commands.add_parser("register", help="register a floating image to a reference image")
+    register.add_argument("--reference", type=Path, help="reference (fixed) image file")
+    register.add_argument("--floating", type=Path, help="floating (moving) image file")
+    register.add_argument("--sample", action="store_true",
+                          help="register the bundled sample pair (BrainWeb PD reference, deformed T1, ventricles)")
+    register.add_argument("--output-dir", type=Path, required=True)
+    register.add_argument("--reference-mask", type=Path, help="structure mask of the reference, for Dice/HD95/MAD")
+    register.add_argument("--floating-mask", type=Path, help="structure mask of the floating image")
+    _add_registration_options(register)
+    register.add_argument("--no-qa", action="store_true", help="do not write the QA figure qa.png")
+    register.set_defaults(run=_run_register)
+
+    train = commands.add_parser("train", help="train a SAR model on images with optional masks")
+    train.add_argument("--images", nargs="+", type=Path, default=[],
+                       help="image files or folders (folders: every *.png, *.nrrd, *.nii.gz, *.mha in them)")
+    train.add_argument("--masks", type=Path, help="folder of masks named like their images")
+    train.add_argument("--split", action="store_true",
+                       help="train on the training fold of a patient-level 70/10/20 split (ChestX-ray14 names)")
+    train.add_argument("--synthetic", type=int, default=0,
+                       help="add this many synthetic label-map pairs per epoch (SynthMorph-style)")
+    train.add_argument("--output", type=Path, required=True, help="weights file to write (.pt)")
+    train.add_argument("--ndims", type=int, choices=(2, 3), default=2)
+    train.add_argument("--shape", type=int, nargs="+", default=[128, 128], help="working shape of training pairs")
+    train.add_argument("--epoch-length", type=int, default=1000, help="pairs drawn per epoch from the real images")
+    train.add_argument("--max-displacement-mm", type=float, default=8.0)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--feature-steps", type=int, default=200)
+    train.add_argument("--pretrain-steps", type=int, default=500)
+    train.add_argument("--gan-steps", type=int, default=1000)
+    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    train.add_argument("--no-segmentation", action="store_true", help="SAR-NoSeg: no segmentation loss terms")
+    train.add_argument("--diffeomorphic", action="store_true", help="velocity field integrated by scaling and squaring")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
+    train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    train.set_defaults(run=_run_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="register images to random known deformations of themselves and report accuracy")
+    evaluate.add_argument("--images", nargs="+", type=Path, required=True)
+    evaluate.add_argument("--masks", nargs="+", type=Path, help="one structure mask per image, same order")
+    evaluate.add_argument("--pairs-per-image", type=int, default=3)
+    evaluate.add_argument("--max-displacement-mm", type=float, default=6.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", type=Path, help="also write the per-pair results as JSON")
+    _add_registration_options(evaluate)
+    evaluate.set_defaults(run=_run_evaluate)
+    return parser
+
+
+def _add_registration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("volume", "slicewise"), default="volume",
+                        help="3D only: the 3D model on the whole volume, or the 2D model slice by slice")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--no-finetune", action="store_true", help="use the trained network as it is")
+    parser.add_argument("--max-iterations", type=int, default=100)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--smoothness", type=float, help="weight of field smoothness during finetuning")
+    parser.add_argument("--weights", type=Path, help="weights file (default: the shipped model)")
+
+
+def _registration_kwargs(args) -> dict:
+    return {"mode": args.mode, "device": args.device, "finetune": not args.no_finetune,
+            "max_iterations": args.max_iterations, "tolerance": args.tolerance,
+            "smoothness": args.smoothness, "weights": args.weights}
+
+
+def _run_register(args) -> int:
+    from .registration import register
+
+    if args.sample:
+        inputs = dict(SAMPLE)
+    elif args.reference and args.floating:
+        inputs = {"reference": args.reference, "floating": args.floating,
+                  "reference_mask": args.reference_mask, "floating_mask": args.floating_mask}
+    else:
+        raise SARError("Give --reference and --floating, or --sample for the bundled sample pair.")
+    with _ProgressBar("registering") as bar:
+        result = register(**inputs, **_registration_kwargs(args), progress=bar.update)
+    written = result.save(args.output_dir, qa_figure=not args.no_qa)
+    print(json.dumps(result.metrics, indent=2))
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _run_train(args) -> int:
+    from . import datasets
+    from .objective import LossWeights
+    from .training import TrainingSettings, train
+
+    if not args.images and not args.synthetic:
+        raise SARError("Give training images with --images, or synthetic pairs with --synthetic N (or both).")
+    if len(args.shape) != args.ndims:
+        raise SARError(f"--shape needs {args.ndims} numbers for --ndims {args.ndims}.")
+    sources, description = datasets.training_sources(args.images, args.masks, use_training_fold=args.split)
+    dataset = datasets.training_dataset(sources, tuple(args.shape), args.epoch_length, args.synthetic,
+                                        seed=args.seed, max_displacement_mm=args.max_displacement_mm)
+    weights = LossWeights().without_segmentation() if args.no_segmentation else LossWeights()
+    settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
+                                feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
+                                gan_steps=args.gan_steps, diffeomorphic=args.diffeomorphic, seed=args.seed,
+                                checkpoint_every=args.checkpoint_every, weights=weights)
+    command = "python -m SARRegistrationLib " + shlex.join(sys.argv[1:])
+    train(settings, dataset, args.output, resume=args.resume, device=resolve_device(args.device),
+          data_description=description + (f"; {args.synthetic} synthetic label-map pairs per epoch" if args.synthetic else ""),
+          command=command)
+    print(f"wrote {args.output} and {args.output.with_suffix('.json')}")
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from .evaluation import evaluate_known_deformations, summarise
+
+    rows = evaluate_known_deformations(args.images, args.masks, pairs_per_image=args.pairs_per_image,
+                                       max_displacement_mm=args.max_displacement_mm, seed=args.seed,
+                                       **_registration_kwargs(args))
+    print(summarise(rows))
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar driven by the engine's ``progress(fraction, message)`` callback."""
+
+    def __init__(self, description: str):
+        self.bar = tqdm(total=100, desc=description, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(self, fraction: float, message: str) -> None:
+        self.bar.n = round(100 * fraction)
+        self.bar.set_postfix_str(message)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()

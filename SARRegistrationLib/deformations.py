@@ -1,0 +1,253 @@
+"""Training pairs with a known deformation, real or synthetic, 2D or 3D.
+
+The geometry is done by SimpleITK in physical space (millimetres, ``x, y, z`` order); what
+leaves this module follows :mod:`SARRegistrationLib.spatial`: numpy arrays in ``z, y, x`` order and
+displacements ``(ndims, *spatial)`` in voxels of their grid, channel ``i`` along array axis ``i``,
+pulling back (``warped(x) = moving(x + u(x))``, the ITK ``DisplacementFieldTransform`` convention).
+
+A training pair is built so that its field is known exactly (paper §2.1): an image ``I`` (after an
+optional random affine augmentation) is the *floating* image, and the *reference* is ``I`` pulled
+through a random cubic B-spline ``T``: ``reference(x) = I(T(x))``. The known displacement is then
+``T(x) - x`` sampled on the grid, and ``spatial.warp(floating, displacement)`` reproduces the
+reference up to interpolation.
+
+Synthetic images follow SynthMorph (Hoffmann et al. 2022): random label maps from smoothed noise,
+random intensities per label, blur, bias field and noise; a few labels serve as the structure mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .fields import transform_to_displacement
+from .imageio import normalize_intensity
+
+# ---------------------------------------------------------------------------------------------
+# Random transforms
+
+
+def random_bspline_transform(image: sitk.Image, rng: np.random.Generator, max_displacement_mm: float,
+                             mesh_size: int = 4) -> sitk.BSplineTransform:
+    """Random cubic B-spline transform over the extent of ``image``.
+
+    Control-point displacements are uniform in ``±max_displacement_mm`` per physical component. A
+    cubic B-spline is a convex combination of its control points, so every component of the
+    displacement stays within ``±max_displacement_mm`` everywhere. The two outer layers of control
+    points are zero, which holds the image border within ``max_displacement_mm / 6`` of fixed and
+    keeps content from being pulled in from outside the image.
+
+    Args:
+        image: defines the transform domain (origin, spacing, direction, size); 2D or 3D.
+        mesh_size: B-spline intervals per axis (>= 2, so that some control points are free).
+    """
+    if mesh_size < 2:
+        raise ValueError(f"mesh_size must be at least 2, got {mesh_size}")
+    ndims = image.GetDimension()
+    transform = sitk.BSplineTransformInitializer(image, [mesh_size] * ndims, 3)
+    grid_shape = transform.GetCoefficientImages()[0].GetSize()[::-1]
+    free = np.zeros(grid_shape, dtype=bool)
+    free[(slice(2, -2),) * ndims] = True
+    coefficients = rng.uniform(-max_displacement_mm, max_displacement_mm, size=(ndims, *grid_shape)) * free
+    # Parameters are one coefficient image per physical component, each flattened x-fastest, which
+    # is the C order of the (z, y, x) array.
+    transform.SetParameters(coefficients.ravel().tolist())
+    return transform
+
+
+def image_centre(image: sitk.Image) -> tuple[float, ...]:
+    """Physical point (mm, ``x, y, z``) at the centre of the image's voxel grid."""
+    centre_index = [(n - 1) / 2.0 for n in image.GetSize()]
+    return image.TransformContinuousIndexToPhysicalPoint(centre_index)
+
+
+def _rotation_matrix(ndims: int, angles_rad: np.ndarray) -> np.ndarray:
+    """Rotation ``(ndims, ndims)`` from one angle (2D) or three Euler angles about x, y, z (3D)."""
+    rotation = sitk.Euler2DTransform() if ndims == 2 else sitk.Euler3DTransform()
+    if ndims == 2:
+        rotation.SetAngle(float(angles_rad[0]))
+    else:
+        rotation.SetRotation(*map(float, angles_rad))
+    return np.array(rotation.GetMatrix()).reshape(ndims, ndims)
+
+
+def random_affine_transform(image: sitk.Image, rng: np.random.Generator, max_rotation_deg: float = 10,
+                            max_scale: float = 0.1, max_translation_mm: float = 5) -> sitk.AffineTransform:
+    """Random affine about the image centre: rotation, per-axis scaling, translation.
+
+    Rotation angles (one in 2D, three Euler angles in 3D) are uniform in ``±max_rotation_deg``, scale
+    factors uniform in ``1 ± max_scale`` per physical axis, translations uniform in
+    ``±max_translation_mm`` per physical axis.
+    """
+    ndims = image.GetDimension()
+    angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, size=1 if ndims == 2 else 3))
+    scales = rng.uniform(1 - max_scale, 1 + max_scale, size=ndims)
+    transform = sitk.AffineTransform(ndims)
+    transform.SetCenter(image_centre(image))
+    transform.SetMatrix((_rotation_matrix(ndims, angles) @ np.diag(scales)).ravel().tolist())
+    transform.SetTranslation(rng.uniform(-max_translation_mm, max_translation_mm, size=ndims).tolist())
+    return transform
+
+
+def affine_align(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+    """Affine pre-alignment of ``moving`` to ``fixed`` (paper §2.1), deterministic.
+
+    Mattes mutual information on every voxel (no random sampling, so repeated runs agree up to the
+    rounding of multi-threaded sums), a geometry-centred initial affine, regular-step gradient
+    descent over a 3-level pyramid (4, 2, 1 shrink factors).
+
+    Returns:
+        The fixed-to-moving transform (ITK convention): ``sitk.Resample(moving, fixed, transform)``
+        is ``moving`` aligned to ``fixed``.
+    """
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
+                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    registration = sitk.ImageRegistrationMethod()
+    registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    registration.SetMetricSamplingStrategy(registration.NONE)
+    registration.SetInterpolator(sitk.sitkLinear)
+    registration.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
+                                                          gradientMagnitudeTolerance=1e-6)
+    # Matrix entries and translations move points by very different amounts; scale them alike.
+    registration.SetOptimizerScalesFromPhysicalShift()
+    registration.SetShrinkFactorsPerLevel([4, 2, 1])
+    registration.SetSmoothingSigmasPerLevel([2, 1, 0])
+    registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    registration.SetInitialTransform(initial, inPlace=False)
+    return registration.Execute(fixed, moving)
+
+
+# ---------------------------------------------------------------------------------------------
+# Intensities
+
+
+def smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, coarse_shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise on a ``coarse_shape`` grid, cubic-spline upsampled to ``shape``."""
+    coarse = rng.standard_normal(coarse_shape)
+    return ndimage.zoom(coarse, np.divide(shape, coarse_shape), order=3, mode="nearest")
+
+
+def augment_intensity(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random bias field, gamma and Gaussian noise on a ``[0, 1]`` image; returns it renormalised.
+
+    The bias field is ``exp(a · smooth noise)`` on a 4-per-axis grid with ``a`` up to 0.3, the gamma
+    is log-uniform in ``[0.7, 1.4]`` and the noise standard deviation up to 0.03.
+    """
+    coarse_shape = tuple(min(4, n) for n in array.shape)
+    bias = np.exp(rng.uniform(0, 0.3) * smooth_noise(array.shape, rng, coarse_shape))
+    gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+    noisy = np.clip(array * bias, 0, None) ** gamma + rng.normal(0, rng.uniform(0, 0.03), size=array.shape)
+    return normalize_intensity(noisy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pairs
+
+
+def foreground_mask(image: sitk.Image) -> sitk.Image:
+    """Rough foreground (the imaged body, not an organ): Otsu threshold, holes filled, largest component."""
+    bright = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1)
+    filled = sitk.BinaryFillhole(bright)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(filled), sortByObjectSize=True)
+    return sitk.Cast(components == 1, sitk.sitkUInt8)
+
+
+def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.random.Generator,
+                       max_displacement_mm: float = 10.0, affine: bool = True, intensity: bool = True,
+                       mesh_size: int = 4) -> dict[str, np.ndarray]:
+    """A reference/floating pair whose displacement is known exactly.
+
+    ``I`` is ``image`` normalised to ``[0, 1]`` and, with ``affine``, moved by a random affine; the
+    floating image is ``I`` and the reference is ``I(T(x))`` for a random B-spline ``T`` (border
+    values are extended, like ``padding_mode="border"`` in :func:`spatial.warp`). With ``intensity``
+    each image then gets its own random bias field, gamma and noise, so the pair differs in contrast
+    as well as in geometry. Masks follow the geometry with nearest-neighbour interpolation.
+
+    Args:
+        image: 2D or 3D scalar image.
+        mask: the structure of interest (non-zero inside), on the grid of ``image``; ``None`` uses
+            :func:`foreground_mask` of the image instead.
+        max_displacement_mm: bound on each physical component of the B-spline displacement.
+        mesh_size: B-spline intervals per axis; larger gives more local deformations.
+    Returns:
+        float32 arrays in array axis order: ``reference``, ``floating`` (``spatial``, in ``[0, 1]``),
+        ``reference_mask``, ``floating_mask`` (``spatial``, 0/1) and ``displacement``
+        (``(ndims, *spatial)``, voxels) with ``warp(floating, displacement) ≈ reference``.
+    """
+    scaled = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayFromImage(image)))
+    scaled.CopyInformation(image)
+    mask = foreground_mask(image) if mask is None else sitk.Cast(mask != 0, sitk.sitkUInt8)
+    if affine:
+        augmentation = random_affine_transform(scaled, rng)
+        scaled = sitk.Resample(scaled, augmentation, sitk.sitkLinear, 0.0)
+        mask = sitk.Resample(mask, augmentation, sitk.sitkNearestNeighbor, 0)
+    bspline = random_bspline_transform(scaled, rng, max_displacement_mm, mesh_size)
+    reference = sitk.Resample(scaled, bspline, sitk.sitkLinear, 0.0, useNearestNeighborExtrapolator=True)
+    reference_mask = sitk.Resample(mask, bspline, sitk.sitkNearestNeighbor, 0, useNearestNeighborExtrapolator=True)
+    pair = {
+        "reference": sitk.GetArrayFromImage(reference),
+        "floating": sitk.GetArrayFromImage(scaled),
+        "reference_mask": sitk.GetArrayFromImage(reference_mask),
+        "floating_mask": sitk.GetArrayFromImage(mask),
+        "displacement": transform_to_displacement(bspline, scaled),
+    }
+    if intensity:
+        pair["reference"] = augment_intensity(pair["reference"], rng)
+        pair["floating"] = augment_intensity(pair["floating"], rng)
+    return {name: array.astype(np.float32) for name, array in pair.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic images (SynthMorph-style)
+
+
+def synthetic_label_map(shape: tuple[int, ...], rng: np.random.Generator, num_labels: int = 8) -> np.ndarray:
+    """Random label map ``shape`` (int64) with every label ``0 .. num_labels - 1`` present.
+
+    Each label gets smooth noise (a coarse grid of about one node per 16 voxels, at least 4 per axis,
+    cubic-spline upsampled); each voxel takes the label whose noise is largest. One distinct coarse
+    node per label is raised above all others so that no label can vanish.
+    """
+    coarse_shape = tuple(max(4, round(n / 16)) for n in shape)
+    num_nodes = int(np.prod(coarse_shape))
+    if num_labels > num_nodes:
+        raise ValueError(f"{num_labels} labels need a larger shape than {shape}")
+    coarse = rng.standard_normal((num_labels, num_nodes))
+    seeds = rng.choice(num_nodes, size=num_labels, replace=False)
+    coarse[np.arange(num_labels), seeds] = coarse.max() + 2.0
+    zoom = np.divide(shape, coarse_shape)
+    fields = [ndimage.zoom(c.reshape(coarse_shape), zoom, order=3, mode="nearest") for c in coarse]
+    return np.argmax(np.stack(fields), axis=0)
+
+
+def synthetic_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Image float32 in ``[0, 1]`` from a label map: random mean and texture per label, blur, bias, noise."""
+    num_labels = int(labels.max()) + 1
+    means = rng.uniform(0, 1, size=num_labels)
+    texture = rng.uniform(0, 0.05, size=num_labels)
+    image = means[labels] + texture[labels] * rng.standard_normal(labels.shape)
+    image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.5, 1.5))
+    return augment_intensity(image, rng)
+
+
+def synthetic_sample(shape: tuple[int, ...], rng: np.random.Generator,
+                     spacing: tuple[float, ...] | None = None) -> tuple[sitk.Image, sitk.Image]:
+    """A synthetic image and the mask of one or two of its labels, chosen at random as "the structure".
+
+    Args:
+        shape: array shape (``z, y, x`` order), 2D or 3D.
+        spacing: voxel spacing in mm in SimpleITK ``x, y, z`` order; 1 mm when ``None``.
+    Returns:
+        ``(image, mask)``: float32 image in ``[0, 1]`` and uint8 0/1 mask with the same geometry.
+    """
+    labels = synthetic_label_map(shape, rng)
+    structure = rng.choice(int(labels.max()) + 1, size=rng.integers(1, 3), replace=False)
+    image = sitk.GetImageFromArray(synthetic_image(labels, rng))
+    mask = sitk.GetImageFromArray(np.isin(labels, structure).astype(np.uint8))
+    if spacing is not None:
+        image.SetSpacing(spacing)
+        mask.SetSpacing(spacing)
+    return image, mask

@@ -1,0 +1,21 @@
+"""Errors a user can act on. Each message names the problem and, where it helps, the fix."""
+
+
+class SARError(Exception):
+    """Base class of every error SARRegistration raises on purpose."""
+
+
+class InputImageError(SARError, ValueError):
+    """An input image cannot be registered (wrong dimension, empty, constant, NaN, unreadable)."""
+
+
+class WeightsError(SARError):
+    """A weights file is missing, corrupt, not a SAR checkpoint, or fails its hash check."""
+
+
+class DeviceError(SARError):
+    """The requested compute device is not available."""
+
+
+class RegistrationCancelled(SARError):
+    """The user cancelled a running registration or training; nothing was written."""

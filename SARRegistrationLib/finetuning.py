@@ -1,0 +1,107 @@
+"""Per-pair finetuning of the generator's last layer (paper §2.3).
+
+Everything before the last layer depends only on the image pair, so it is computed once
+(:func:`encode_pair`); each iteration then costs the last layer, the warp and the losses. The
+network itself is never modified: a copy of its last layer is tuned, so one loaded model can serve
+many registrations, also at the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import RegistrationCancelled
+from .model import SARModel
+from .networks.generator import soft_otsu_mask
+from .objective import LossWeights, registration_terms, total_loss
+
+ProgressCallback = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class PairEncoding:
+    """What the frozen part of the generator gives for a pair, computed once."""
+
+    forward: torch.Tensor  # penultimate features of (reference, floating)
+    backward: torch.Tensor  # penultimate features of (floating, reference), for the cycle term
+    reference_map: torch.Tensor  # fused feature map of the reference, (B, 1, *spatial) in [0, 1]
+    floating_map: torch.Tensor
+
+
+@dataclass
+class FinetuneSettings:
+    """When to stop, and how the loss is weighted. ``smoothness`` is the user's regularisation knob."""
+
+    max_iterations: int = 100
+    tolerance: float = 1e-4  # stop when |loss(i) - loss(i-1)| falls below this
+    learning_rate: float = 2e-3
+    weights: LossWeights = field(default_factory=lambda: LossWeights().for_finetuning())
+
+
+@dataclass
+class FinetuneResult:
+    displacement: torch.Tensor  # (B, ndims, *spatial) voxels, from the tuned last layer
+    head: nn.Module  # the tuned copy of the last layer
+    losses: list  # total loss of every iteration
+    converged: bool  # stopped by the tolerance rather than the iteration limit
+
+    @property
+    def iterations(self) -> int:
+        return len(self.losses)
+
+
+@torch.no_grad()
+def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor) -> PairEncoding:
+    generator = model.generator
+    generator._check_input(reference, floating)
+    reference_features, floating_features = generator.encode(reference, floating)
+    return PairEncoding(
+        forward=generator.penultimate(reference_features, floating_features),
+        backward=generator.penultimate(floating_features, reference_features),
+        reference_map=generator.fused_map(reference_features),
+        floating_map=generator.fused_map(floating_features))
+
+
+def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torch.Tensor, floating: torch.Tensor,
+                        settings: FinetuneSettings | None = None, progress: ProgressCallback | None = None,
+                        cancel: CancelCheck | None = None) -> FinetuneResult:
+    """Tune a copy of the generator's last layer on one pair until the loss stops changing.
+
+    Raises :class:`RegistrationCancelled` as soon as ``cancel()`` returns true.
+    """
+    settings = settings or FinetuneSettings()
+    generator = model.generator
+    head = copy.deepcopy(generator.flow_head).requires_grad_(True)
+    optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
+    # The masks come before the last layer, so they stay fixed while it is tuned.
+    reference_mask, floating_mask = soft_otsu_mask(encoding.reference_map), soft_otsu_mask(encoding.floating_map)
+    frozen = {"discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
+
+    history, converged = [], False
+    for iteration in range(settings.max_iterations):
+        if cancel is not None and cancel():
+            raise RegistrationCancelled("Registration cancelled during finetuning; nothing was written.")
+        optimiser.zero_grad(set_to_none=True)
+        forward_field = generator.field(encoding.forward, head)
+        backward_field = generator.field(encoding.backward, head) if settings.weights.cycle else None
+        terms = registration_terms(settings.weights, reference, floating, forward_field,
+                                   backward_field=backward_field, reference_mask=reference_mask,
+                                   floating_mask=floating_mask, **frozen)
+        loss = total_loss(settings.weights, terms)
+        loss.backward()
+        optimiser.step()
+        history.append(float(loss.detach()))
+        if progress is not None:
+            progress((iteration + 1) / settings.max_iterations, f"finetuning: iteration {iteration + 1}, loss {history[-1]:.4f}")
+        if len(history) > 1 and abs(history[-1] - history[-2]) < settings.tolerance:
+            converged = True
+            break
+    with torch.no_grad():
+        displacement = generator.field(encoding.forward, head)
+    return FinetuneResult(displacement, head.requires_grad_(False), history, converged)

@@ -1,0 +1,160 @@
+"""Images in and out: reading, checking, intensity normalisation and the network's working grid.
+
+SimpleITK images carry the geometry (origin, spacing, direction, in ITK's LPS physical space);
+numpy arrays and tensors are in SimpleITK's array order (``z, y, x``). Geometry never lives in an
+array: whatever leaves this module as an array comes back through a SimpleITK image of known grid.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputImageError
+
+SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png")
+# The network halves the grid three times, so its working shape must be a multiple of 8.
+GRID_MULTIPLE = 8
+
+
+def read_image(path, role: str = "image", allow_constant: bool = False) -> sitk.Image:
+    """Read an image file and check that it can be registered.
+
+    Colour files whose channels are all equal (grey PNGs saved as RGB) are read as one channel.
+    ``role`` names the input in error messages ("reference", "floating mask", ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"The {role} file {str(path)!r} does not exist.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        raise InputImageError(f"The {role} file {str(path)!r} could not be read as an image: {first_line}") from None
+    return check_image(image, role, allow_constant)
+
+
+def _grey_from_equal_channels(image: sitk.Image, role: str) -> sitk.Image:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components == 1:
+        return image
+    channels = [sitk.VectorIndexSelectionCast(image, i) for i in range(components)]
+    first = sitk.GetArrayViewFromImage(channels[0])
+    if all(np.array_equal(first, sitk.GetArrayViewFromImage(c)) for c in channels[1:]):
+        return channels[0]
+    raise InputImageError(f"The {role} has {components} components per voxel (a colour or vector image); "
+                          "SAR registers scalar (grey-level) images. Convert it to one channel first.")
+
+
+def check_image(image: sitk.Image, role: str = "image", allow_constant: bool = False) -> sitk.Image:
+    """Return ``image`` as a scalar image, or raise :class:`InputImageError` naming what is wrong.
+
+    It must be 2D or 3D, non-empty, finite and (unless ``allow_constant``, as for an empty mask)
+    not constant.
+    """
+    image = _grey_from_equal_channels(image, role)
+    dimension = image.GetDimension()
+    if dimension not in (2, 3):
+        raise InputImageError(f"The {role} is {dimension}D; SAR registers 2D images and 3D volumes.")
+    if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
+        raise InputImageError(f"The {role} is empty (size {image.GetSize()}).")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise InputImageError(f"The {role} has {bad} NaN or infinite voxels; fill or mask them before registering.")
+    if not allow_constant and array.min() == array.max():
+        raise InputImageError(f"The {role} is constant (every voxel is {array.flat[0]}); there is nothing to align.")
+    return image
+
+
+def check_pair(reference: sitk.Image, floating: sitk.Image) -> None:
+    """Both images must have the same dimension (a 2D slice cannot be registered to a 3D volume)."""
+    if reference.GetDimension() != floating.GetDimension():
+        raise InputImageError(f"The reference is {reference.GetDimension()}D but the floating image is "
+                              f"{floating.GetDimension()}D; both must be 2D or both 3D.")
+
+
+def normalize_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> np.ndarray:
+    """Map intensities to [0, 1] by clipping at robust percentiles (bright outliers do not squash the rest)."""
+    array = np.asarray(array, dtype=np.float32)
+    low, high = np.percentile(array, [lower_percentile, upper_percentile])
+    if high <= low:  # mostly-constant images: fall back to the full range
+        low, high = float(array.min()), float(array.max())
+    return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
+
+
+def grid_with_shape(image: sitk.Image, size) -> sitk.Image:
+    """An empty image of ``size`` voxels (SimpleITK ``x, y, z`` order) covering ``image``'s extent.
+
+    The new grid keeps the direction and the outer voxel boundary, so its voxel centres move
+    inwards by half the change of spacing.
+    """
+    old_size, new_size = np.array(image.GetSize(), dtype=float), np.array(size, dtype=float)
+    old_spacing = np.array(image.GetSpacing())
+    new_spacing = old_spacing * old_size / new_size
+    direction = np.array(image.GetDirection()).reshape(len(old_size), len(old_size))
+    grid = sitk.Image([int(n) for n in new_size], sitk.sitkUInt8)
+    grid.SetSpacing(new_spacing.tolist())
+    grid.SetOrigin((np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2.0)).tolist())
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
+def working_grid(reference: sitk.Image, max_size: int, keep_axes=()) -> sitk.Image:
+    """The network's grid over the reference's extent: at most ``max_size`` voxels per axis.
+
+    Sizes are rounded up to a multiple of 8; axes in ``keep_axes`` (SimpleITK ``x, y, z`` order)
+    keep their voxel count, as the slice axis does in slice-wise registration.
+    """
+    size = reference.GetSize()
+    scaled_axes = [axis for axis in range(len(size)) if axis not in keep_axes]
+    scale = min([1.0] + [max_size / size[axis] for axis in scaled_axes])
+    new_size = [n if axis in keep_axes else int(np.ceil(n * scale / GRID_MULTIPLE) * GRID_MULTIPLE)
+                for axis, n in enumerate(size)]
+    return grid_with_shape(reference, new_size)
+
+
+def resample_to(image: sitk.Image, grid: sitk.Image, label: bool = False, transform=None) -> sitk.Image:
+    """Resample ``image`` onto ``grid`` (identity in physical space unless a transform is given)."""
+    interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    transform = transform if transform is not None else sitk.Transform()
+    output_type = image.GetPixelID() if label else sitk.sitkFloat32
+    return sitk.Resample(image, grid, transform, interpolator, 0.0, output_type)
+
+
+def array_of(image: sitk.Image) -> np.ndarray:
+    """A copy of the voxels as a numpy array in SimpleITK's ``z, y, x`` order."""
+    return sitk.GetArrayFromImage(image)
+
+
+def image_like(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk.Image:
+    """Wrap an array as an image with ``grid``'s origin, spacing and direction."""
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    image.CopyInformation(grid)
+    return image
+
+
+@contextmanager
+def staged_output_dir(output_dir):
+    """Yield a staging folder; move its files into ``output_dir`` only if the block succeeds.
+
+    Outputs are written into a temporary folder beside ``output_dir`` and moved in at the end, so
+    an error midway leaves ``output_dir`` as it was (and removes it if this call created it).
+    """
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-") as staging:
+            yield Path(staging)
+            for staged in sorted(Path(staging).iterdir()):
+                os.replace(staged, output_dir / staged.name)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise

@@ -1,0 +1,146 @@
+"""Registration quality metrics: mask overlap, surface distances and deformation regularity.
+
+All arrays are numpy arrays in SimpleITK's axis order (``z, y, x``), 2D or 3D. ``spacing`` is the
+voxel size in millimetres in that same array order, i.e. ``image.GetSpacing()[::-1]``.
+Masks are binary: any nonzero voxel is foreground.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _as_mask_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a) != 0, np.asarray(b) != 0
+    if a.shape != b.shape:
+        raise ValueError(f"masks must have the same shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _check_spacing(spacing, ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or min(spacing) <= 0:
+        raise ValueError(f"spacing must be {ndim} positive values in array axis order, got {spacing}")
+    return spacing
+
+
+def dice(a, b) -> float:
+    """Dice overlap ``2|A∩B| / (|A| + |B|)`` of two same-shaped binary masks, in [0, 1].
+
+    Two empty masks agree perfectly, so they score 1.0.
+    """
+    a, b = _as_mask_pair(a, b)
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.count_nonzero(a & b) / total)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # border_value=0: an object touching the edge of the grid still has a boundary there.
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _distance_to(surface: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    if not surface.any():
+        # Nothing to reach: every distance is infinite (the edt would otherwise be meaningless).
+        return np.full(surface.shape, np.inf)
+    return ndimage.distance_transform_edt(~surface, sampling=spacing)
+
+
+def surface_distances(a, b, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Distances in mm between the surfaces of two binary masks.
+
+    The surface of a mask is the mask minus its face-connected erosion; voxels on the edge of the
+    grid count as surface.
+
+    Args:
+        a, b: same-shaped binary masks, 2D or 3D.
+        spacing: voxel size in mm, array axis order.
+
+    Returns:
+        ``(d_ab, d_ba)``: 1D arrays holding, for each surface voxel of ``a``, its distance to the
+        nearest surface voxel of ``b``, and the reverse. An empty mask has no surface voxels (an
+        empty array); distances to an empty surface are ``inf``.
+    """
+    a, b = _as_mask_pair(a, b)
+    spacing = _check_spacing(spacing, a.ndim)
+    surface_a, surface_b = _surface(a), _surface(b)
+    return _distance_to(surface_b, spacing)[surface_a], _distance_to(surface_a, spacing)[surface_b]
+
+
+def _pooled_surface_statistic(a, b, spacing, statistic) -> float:
+    """``statistic`` of both directions' surface distances pooled; 0 if both masks are empty, inf if one is."""
+    a, b = _as_mask_pair(a, b)
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return float("inf")
+    d_ab, d_ba = surface_distances(a, b, spacing)
+    return float(statistic(np.concatenate([d_ab, d_ba])))
+
+
+def hausdorff95(a, b, spacing) -> float:
+    """95th percentile, in mm, of the surface distances of both directions pooled (HD95).
+
+    Returns 0.0 when both masks are empty and ``inf`` when exactly one is.
+    """
+    return _pooled_surface_statistic(a, b, spacing, lambda d: np.percentile(d, 95))
+
+
+def mean_surface_distance(a, b, spacing) -> float:
+    """Mean absolute surface distance (MAD), in mm: the mean of both directions' distances pooled.
+
+    Returns 0.0 when both masks are empty and ``inf`` when exactly one is.
+    """
+    return _pooled_surface_statistic(a, b, spacing, np.mean)
+
+
+def jacobian_determinant(displacement, spacing=None) -> np.ndarray:
+    """Determinant of the Jacobian ``I + ∇u`` of the map ``x -> x + u(x)`` at each voxel.
+
+    Derivatives are central differences (one-sided on the edges of the grid). The determinant is
+    unitless and the same whether measured in voxels or in mm, so spacing only matters for
+    converting a field given in mm.
+
+    Args:
+        displacement: ``(ndims, *spatial)`` field, ``ndims`` 2 or 3, channel ``i`` along array axis
+            ``i``; in voxels, or in mm when ``spacing`` is given.
+        spacing: voxel size in mm, array axis order; give it only when ``displacement`` is in mm.
+
+    Returns:
+        ``spatial``-shaped float array; values <= 0 mark folding, < 1 contraction, > 1 expansion.
+    """
+    displacement = np.asarray(displacement, dtype=np.float64)
+    ndims = displacement.shape[0] if displacement.ndim else 0
+    if ndims not in (2, 3) or displacement.ndim != ndims + 1:
+        raise ValueError(f"expected a (ndims, *spatial) displacement with ndims 2 or 3, got shape {displacement.shape}")
+    if spacing is not None:
+        spacing = _check_spacing(spacing, ndims)
+        displacement = displacement / np.reshape(spacing, (ndims,) + (1,) * ndims)
+    # jacobian[i, j] = d(x_i + u_i) / d x_j, then moved to the last two axes for np.linalg.det.
+    jacobian = np.stack([np.stack(np.gradient(component), axis=0) for component in displacement])
+    jacobian += np.eye(ndims).reshape((ndims, ndims) + (1,) * ndims)
+    return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
+
+
+def folding_fraction(displacement, spacing=None) -> float:
+    """Fraction, in [0, 1], of voxels whose Jacobian determinant is <= 0 (the map folds there).
+
+    Arguments as for :func:`jacobian_determinant`.
+    """
+    return float(np.mean(jacobian_determinant(displacement, spacing) <= 0))
+
+
+def overlap_metrics(reference_mask, warped_mask, spacing) -> dict[str, float]:
+    """Dice, HD95 (mm) and MAD (mm) between a reference mask and a warped moving mask.
+
+    Returns ``{"dice": ..., "hd95_mm": ..., "mad_mm": ...}`` with the conventions of :func:`dice`,
+    :func:`hausdorff95` and :func:`mean_surface_distance` for empty masks.
+    """
+    return {
+        "dice": dice(reference_mask, warped_mask),
+        "hd95_mm": hausdorff95(reference_mask, warped_mask, spacing),
+        "mad_mm": mean_surface_distance(reference_mask, warped_mask, spacing),
+    }

@@ -1,0 +1,1 @@
+"""Networks of SAR: the generator, the discriminator and the feature extractor of the content loss."""

@@ -1,0 +1,36 @@
+"""Building blocks shared by the networks, one implementation for 2D and 3D (picked by ``ndims``)."""
+
+import torch
+from torch import nn
+
+
+def conv(ndims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Module:
+    """A same-padded convolution of ``ndims`` spatial dimensions."""
+    return getattr(nn, f"Conv{ndims}d")(in_channels, out_channels, kernel_size, stride=stride,
+                                        padding=kernel_size // 2)
+
+
+def batch_norm(ndims: int, channels: int) -> nn.Module:
+    return getattr(nn, f"BatchNorm{ndims}d")(channels)
+
+
+class ConvBlock(nn.Sequential):
+    """Convolution, batch norm, ReLU; ``stride=2`` halves the grid."""
+
+    def __init__(self, ndims: int, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(conv(ndims, in_channels, out_channels, 3, stride), batch_norm(ndims, out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """The paper's residual block: two convolutions with batch norm and ReLU, plus the identity."""
+
+    def __init__(self, ndims: int, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv(ndims, channels, channels), batch_norm(ndims, channels), nn.ReLU(inplace=True),
+            conv(ndims, channels, channels), batch_norm(ndims, channels))
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x + self.body(x))

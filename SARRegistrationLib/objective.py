@@ -1,0 +1,83 @@
+"""The SAR objective (paper Eqn. 1–6): one set of loss terms for training and per-pair finetuning.
+
+Content (Eqn. 2): NMI, SSIM and the multi-scale feature-map distance between the registered and
+the reference image. Adversarial (Eqn. 3–5): the discriminator's verdict on the registered image,
+cycle consistency of the forward and backward fields, the log-Dice of the reference mask and the
+warped floating mask, and, only while training, where the applied field is known, the normalised
+field error. Every term is a loss (lower is better) so they can be weighted and summed.
+
+A smoothness term (not in the paper) is added: it is the user's handle on how regular the field
+is during finetuning, where only the last layer moves and the image terms alone can make it spiky.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import losses
+from .spatial import warp
+
+
+@dataclass
+class LossWeights:
+    """Weight of each term in the total loss; a weight of 0 switches a term off (and skips its cost)."""
+
+    nmi: float = 1.0
+    ssim: float = 1.0
+    features: float = 1.0
+    adversarial: float = 0.05
+    cycle: float = 0.01
+    segmentation: float = 0.5
+    field: float = 1.0
+    smoothness: float = 0.5
+
+    def without_segmentation(self) -> "LossWeights":
+        """The paper's SAR-NoSeg ablation."""
+        return LossWeights(**{**asdict(self), "segmentation": 0.0})
+
+    def for_finetuning(self) -> "LossWeights":
+        """Finetuning has no applied field to compare with (paper §2.3)."""
+        return LossWeights(**{**asdict(self), "field": 0.0})
+
+
+def registration_terms(weights: LossWeights, reference, floating, forward_field, *, backward_field=None,
+                       reference_mask=None, floating_mask=None, discriminator=None, feature_extractor=None,
+                       applied_field=None, true_reference_mask=None, true_floating_mask=None) -> dict:
+    """Each weighted-in term of the objective as a scalar tensor.
+
+    Args:
+        reference, floating: ``(B, 1, *spatial)`` images in [0, 1].
+        forward_field: ``(B, ndims, *spatial)`` voxel displacement registering floating to reference.
+        backward_field: the field registering reference to floating (for the cycle term).
+        reference_mask, floating_mask: the generator's soft masks, ``(B, 1, *spatial)``.
+        applied_field: the known field of a training pair; true_*_mask: manual masks, when known.
+    """
+    warped = warp(floating, forward_field)
+    terms = {}
+    if weights.nmi:
+        terms["nmi"] = 2.0 - losses.normalized_mutual_information(warped, reference)
+    if weights.ssim:
+        terms["ssim"] = 1.0 - losses.ssim(warped, reference)
+    if weights.features and feature_extractor is not None:
+        terms["features"] = losses.feature_distance(warped, reference, feature_extractor)
+    if weights.adversarial and discriminator is not None:
+        terms["adversarial"] = losses.generator_adversarial_loss(discriminator(warped))
+    if weights.cycle and backward_field is not None:
+        terms["cycle"] = losses.cycle_consistency(forward_field, backward_field)
+    if weights.segmentation and reference_mask is not None and floating_mask is not None:
+        segmentation = losses.log_dice_loss(warp(floating_mask, forward_field), reference_mask)
+        for generated, manual in ((reference_mask, true_reference_mask), (floating_mask, true_floating_mask)):
+            if manual is not None:
+                segmentation = segmentation + losses.log_dice_loss(generated, manual)
+        terms["segmentation"] = segmentation
+    if weights.field and applied_field is not None:
+        terms["field"] = losses.normalized_field_error(forward_field, applied_field)
+    if weights.smoothness:
+        terms["smoothness"] = losses.smoothness(forward_field)
+    return terms
+
+
+def total_loss(weights: LossWeights, terms: dict) -> torch.Tensor:
+    return sum(getattr(weights, name) * value for name, value in terms.items())

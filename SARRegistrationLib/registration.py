@@ -1,0 +1,205 @@
+"""Registering one image pair: image -> working grid -> generator -> field -> warp -> metrics -> outputs.
+
+The network sees both images resampled onto a working grid that covers the reference's physical
+extent (:func:`imageio.working_grid`); its voxel field is turned into millimetres and resampled
+onto the reference's own grid, and the floating image is warped there by SimpleITK with that very
+field. So ``warped`` is exactly what ``sitk.Resample(floating, reference, DisplacementFieldTransform
+(displacement))`` gives, as in ITK, Elastix and ANTs.
+
+A 3D volume is registered either in full by the 3D model (``mode="volume"``) or slice by slice
+along its third (``k``) axis by the 2D model (``mode="slicewise"``): the slices are one batch, so
+both modes run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import imageio, metrics
+from .fields import displacement_to_sitk, transform_to_displacement
+from .devices import resolve_device
+from .errors import InputImageError, RegistrationCancelled, WeightsError
+from .finetuning import CancelCheck, FinetuneSettings, ProgressCallback, encode_pair, finetune_last_layer
+from .model import SARModel, load_model
+from .networks.generator import otsu_mask
+
+MODES = ("volume", "slicewise")
+
+
+@dataclass
+class RegistrationResult:
+    """Outputs of one registration; images carry the geometry of the grid they live on."""
+
+    warped: sitk.Image  # floating image on the reference grid
+    displacement: sitk.Image  # vector, mm, physical (LPS) components, on the reference grid, ITK convention
+    reference_mask: sitk.Image  # generated mask of the reference, on the reference grid
+    floating_mask: sitk.Image  # generated mask of the floating image, on the floating grid
+    metrics: dict
+    warped_floating_mask: sitk.Image | None = None  # the user's floating mask, warped
+    qa_arrays: dict = field(default_factory=dict, repr=False)
+
+    def transform(self) -> sitk.DisplacementFieldTransform:
+        """The field as a SimpleITK transform (reference point -> floating point)."""
+        return sitk.DisplacementFieldTransform(sitk.Image(self.displacement))  # the transform takes the buffer
+
+    def save(self, output_dir, qa_figure: bool = True) -> list[Path]:
+        """Write the outputs into ``output_dir``: all of them, or, on any error, none."""
+        from .qa import save_qa_figure  # matplotlib only when a figure is asked for
+
+        images = {"warped.nrrd": self.warped, "displacement.nrrd": self.displacement,
+                  "reference_mask.nrrd": self.reference_mask, "floating_mask.nrrd": self.floating_mask}
+        if self.warped_floating_mask is not None:
+            images["warped_floating_mask.nrrd"] = self.warped_floating_mask
+        with imageio.staged_output_dir(output_dir) as staging:
+            for name, image in images.items():
+                sitk.WriteImage(image, str(staging / name), True)
+            (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+            if qa_figure:
+                save_qa_figure(staging / "qa.png", **self.qa_arrays)
+        return sorted(Path(output_dir) / name for name in [*images, "metrics.json", *(["qa.png"] if qa_figure else [])])
+
+
+def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
+             mode: str = "volume", device="auto", finetune: bool = True, max_iterations: int = 100,
+             tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
+             progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
+    """Register ``floating`` to ``reference`` with SAR.
+
+    Args:
+        reference, floating: SimpleITK images or file paths, both 2D or both 3D.
+        model: a loaded :class:`SARModel`; by default the weights file ``weights`` (or the shipped
+            weights) of the dimension the mode needs.
+        reference_mask, floating_mask: optional structure masks (images or paths) for Dice, HD95
+            and MAD; they do not steer the registration.
+        mode: ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        finetune: tune the last layer on this pair (paper §2.3); off gives the trained network's field.
+        max_iterations, tolerance: finetuning stops after this many iterations or when the loss
+            changes by less than ``tolerance`` between two.
+        smoothness: weight of the field's smoothness during finetuning (default: the model's).
+        progress: ``progress(fraction, message)`` is called as work advances.
+        cancel: ``cancel()`` returning true stops the run with :class:`RegistrationCancelled`.
+
+    Nothing is written to disk: call :meth:`RegistrationResult.save`.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    reference = _as_image(reference, "reference")
+    floating = _as_image(floating, "floating image")
+    imageio.check_pair(reference, floating)
+    reference_mask = _as_image(reference_mask, "reference mask", mask=True)
+    floating_mask = _as_image(floating_mask, "floating mask", mask=True)
+    if mode not in MODES:
+        raise InputImageError(f"Unknown mode {mode!r}: choose 'volume' or 'slicewise'.")
+    slicewise = mode == "slicewise" and reference.GetDimension() == 3
+    network_ndims = 2 if slicewise or reference.GetDimension() == 2 else 3
+    torch_device = resolve_device(device)
+
+    report(0.02, "loading the model")
+    model = model if model is not None else load_model(weights, network_ndims, torch_device)
+    if model.ndims != network_ndims:
+        raise WeightsError(f"These weights are for {model.ndims}D images but {mode} registration of a "
+                           f"{reference.GetDimension()}D image needs a {network_ndims}D model"
+                           + (" (or choose mode 'slicewise')." if network_ndims == 3 else "."))
+    model.to(torch_device)
+    _check_cancel(cancel)
+
+    # Slices run along SimpleITK's k axis (array axis 0): that axis keeps its voxel count.
+    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ())
+    reference_input = _network_input(reference, grid, slicewise, torch_device)
+    floating_input = _network_input(floating, grid, slicewise, torch_device)
+
+    report(0.05, "encoding the pair")
+    encoding = encode_pair(model, reference_input, floating_input)
+    _check_cancel(cancel)
+    iterations, converged = 0, None
+    if finetune:
+        settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
+        if smoothness is not None:
+            settings.weights.smoothness = smoothness
+        tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
+                                    progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)
+        displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
+    else:
+        with torch.no_grad():
+            displacement = model.generator.field(encoding.forward)
+    _check_cancel(cancel)
+
+    report(0.92, "resampling the outputs")
+    field_mm = sitk.Resample(displacement_to_sitk(_voxel_field(displacement, slicewise), grid), reference,
+                             sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field_mm))
+    warped = sitk.Resample(floating, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    generated_reference = _mask_image(otsu_mask(encoding.reference_map), grid, slicewise)
+    generated_floating = _mask_image(otsu_mask(encoding.floating_map), grid, slicewise)
+
+    field_voxels = transform_to_displacement(transform, reference)
+    summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
+               "finetuned": finetune, "iterations": iterations, "converged": converged,
+               "folding_fraction": metrics.folding_fraction(field_voxels),
+               "max_displacement_mm": float(np.linalg.norm(imageio.array_of(field_mm), axis=-1).max()),
+               "weights": model.metadata.get("weights_path", "in memory")}
+    qa_arrays = {"reference": imageio.array_of(reference),
+                 "floating": imageio.array_of(imageio.resample_to(floating, reference)),
+                 "warped": imageio.array_of(warped), "displacement": field_voxels}
+    warped_floating_mask = None
+    if reference_mask is not None and floating_mask is not None:
+        warped_floating_mask = imageio.resample_to(floating_mask, reference, label=True, transform=transform)
+        masks = {"reference_mask": imageio.resample_to(reference_mask, reference, label=True),
+                 "floating_mask": imageio.resample_to(floating_mask, reference, label=True),
+                 "warped_mask": warped_floating_mask}
+        qa_arrays.update({name: imageio.array_of(image) for name, image in masks.items()})
+        spacing = reference.GetSpacing()[::-1]
+        for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
+            summary[key] = metrics.overlap_metrics(qa_arrays["reference_mask"], qa_arrays[moving], spacing)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    report(1.0, "done")
+    return RegistrationResult(
+        warped=warped, displacement=field_mm,
+        reference_mask=imageio.resample_to(generated_reference, reference, label=True),
+        floating_mask=imageio.resample_to(generated_floating, floating, label=True),
+        metrics=summary, warped_floating_mask=warped_floating_mask, qa_arrays=qa_arrays)
+
+
+def _as_image(source, role: str, mask: bool = False):
+    if source is None:
+        return None
+    image = source if isinstance(source, sitk.Image) else imageio.read_image(source, role, allow_constant=mask)
+    image = imageio.check_image(image, role, allow_constant=mask)
+    # A mask may be empty or hold several labels: any non-zero voxel is the structure.
+    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
+
+
+def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device) -> torch.Tensor:
+    """``(B, 1, *spatial)`` in [0, 1] on the working grid; the slices are the batch in slice-wise mode."""
+    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
+    tensor = torch.from_numpy(array)
+    tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
+    return tensor.to(device)
+
+
+def _voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:
+    """The network's field as ``(ndims, *spatial)`` voxels of the working grid."""
+    field_array = displacement.detach().cpu().numpy().astype(np.float64)
+    if not slicewise:
+        return field_array[0]
+    # (slices, 2, H, W) -> (3, slices, H, W); nothing moves across slices.
+    in_plane = np.moveaxis(field_array, 1, 0)
+    return np.concatenate([np.zeros_like(in_plane[:1]), in_plane])
+
+
+def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool) -> sitk.Image:
+    array = mask.detach().cpu().numpy().astype(np.uint8)
+    return imageio.image_like(array[:, 0] if slicewise else array[0, 0], grid)
+
+
+def _check_cancel(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise RegistrationCancelled("Registration cancelled; nothing was written.")

@@ -1,0 +1,222 @@
+"""Training the SAR model (paper §3): feature extractor, MSE pre-training, then the GAN.
+
+Stages, counted by one global step so that a checkpoint can resume anywhere:
+
+1. ``feature`` — the feature extractor of the content loss learns to reconstruct training images
+   (it stands in for ImageNet VGG, which cannot be downloaded here).
+2. ``pretrain`` — the generator learns the applied field and the manual masks by MSE / log-Dice
+   ("MSE based ResNet used to initialise G").
+3. ``gan`` — generator and discriminator in turn, with the full SAR objective.
+
+Batches are drawn in a seeded order from index-deterministic datasets, so a run is reproducible
+from its seed and a resumed run sees the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import losses
+from .errors import RegistrationCancelled
+from .finetuning import CancelCheck
+from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of
+from .networks.feature_extractor import reconstruction_step
+from .networks.generator import soft_otsu_mask
+from .objective import LossWeights, registration_terms, total_loss
+from .spatial import warp
+
+
+@dataclass
+class TrainingSettings:
+    ndims: int = 2
+    shape: tuple = (128, 128)
+    batch_size: int = 4
+    feature_steps: int = 200
+    pretrain_steps: int = 500
+    gan_steps: int = 1000
+    feature_learning_rate: float = 1e-3
+    pretrain_learning_rate: float = 1e-3
+    gan_learning_rate: float = 1e-4
+    generator_channels: tuple = (16, 32, 32, 64)
+    discriminator_width: int = 16
+    feature_channels: tuple = (16, 32, 64)
+    diffeomorphic: bool = False
+    seed: int = 0
+    checkpoint_every: int = 100
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    @property
+    def total_steps(self) -> int:
+        return self.feature_steps + self.pretrain_steps + self.gan_steps
+
+    def stage(self, step: int) -> str:
+        if step < self.feature_steps:
+            return "feature"
+        return "pretrain" if step < self.feature_steps + self.pretrain_steps else "gan"
+
+
+def checkpoint_path_for(output_path) -> Path:
+    """Where the resumable training state of ``output_path`` is kept while training runs."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.stem + ".checkpoint.pt")
+
+
+def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = False, device="cpu",
+          data_description: str = "", command: str = "", show_progress: bool = True,
+          cancel: CancelCheck | None = None) -> SARModel:
+    """Train a model on ``dataset`` (items as :class:`datasets.PairDataset`) and save it to ``output_path``.
+
+    A checkpoint beside the output (``*.checkpoint.pt``) is written every ``checkpoint_every``
+    steps; ``resume=True`` continues from it. The final weights get a JSON model card.
+    """
+    device = torch.device(device)
+    torch.manual_seed(settings.seed)
+    model = SARModel.create(settings.ndims, max(settings.shape), settings.generator_channels,
+                            settings.discriminator_width, settings.feature_channels, settings.diffeomorphic)
+    optimisers = _optimisers(model, settings)
+    history, start = [], 0
+    checkpoint = checkpoint_path_for(output_path)
+    if resume and checkpoint.is_file():
+        state = read_checkpoint(checkpoint)
+        model = model_from_state(state)
+        optimisers = _optimisers(model, settings)
+        for name, optimiser in optimisers.items():
+            optimiser.load_state_dict(state["training"]["optimisers"][name])
+        history, start = list(state["training"]["history"]), int(state["training"]["step"])
+        torch.set_rng_state(state["training"]["torch_rng"])
+    model.to(device)
+
+    bar = tqdm(total=settings.total_steps, initial=start, disable=not show_progress, file=sys.stderr,
+               desc="training SAR", unit="step")
+    step = start
+    while step < settings.total_steps:
+        if cancel is not None and cancel():
+            raise RegistrationCancelled(f"Training cancelled at step {step}; the last checkpoint is {checkpoint}.")
+        stage = settings.stage(step)
+        batch = {name: value.to(device) for name, value in _batch(dataset, step, settings).items()}
+        if stage == "feature":
+            losses_now = {"reconstruction": _feature_step(model, batch, optimisers["feature"])}
+        elif stage == "pretrain":
+            losses_now = _pretrain_step(model, batch, optimisers["pretrain"], settings)
+        else:
+            losses_now = _gan_step(model, batch, optimisers["generator"], optimisers["discriminator"], settings)
+        step += 1
+        history.append({"step": step, "stage": stage, **{k: round(v, 5) for k, v in losses_now.items()}})
+        bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in list(losses_now.items())[:3]})
+        bar.update(1)
+        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+            _save_checkpoint(model, optimisers, history, step, checkpoint)
+    bar.close()
+
+    model.metadata.update(_model_card(settings, history, data_description, command))
+    save_model(model.eval(), output_path)
+    write_model_card(output_path, model.metadata)
+    checkpoint.unlink(missing_ok=True)
+    return model
+
+
+def _feature_step(model: SARModel, batch, optimiser) -> float:
+    return reconstruction_step(model.feature_extractor, torch.cat([batch["reference"], batch["floating"]]), optimiser)
+
+
+def _pretrain_step(model: SARModel, batch, optimiser, settings: TrainingSettings) -> dict:
+    generator = model.generator.train()
+    output = generator(batch["reference"], batch["floating"])
+    terms = {"field_mse": F.mse_loss(output.displacement, batch["displacement"]),
+             "image_mse": F.mse_loss(output.warped, batch["reference"])}
+    if settings.weights.segmentation:
+        terms["segmentation"] = (losses.log_dice_loss(output.reference_mask, batch["reference_mask"])
+                                 + losses.log_dice_loss(output.floating_mask, batch["floating_mask"]))
+    loss = sum(terms.values())
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return {name: float(value.detach()) for name, value in terms.items()}
+
+
+def _gan_step(model: SARModel, batch, generator_optimiser, discriminator_optimiser, settings: TrainingSettings) -> dict:
+    generator, discriminator = model.generator.train(), model.discriminator.train()
+    model.feature_extractor.eval().requires_grad_(False)
+    reference, floating = batch["reference"], batch["floating"]
+    reference_features, floating_features = generator.encode(reference, floating)
+    forward_field = generator.field(generator.penultimate(reference_features, floating_features))
+    backward_field = generator.field(generator.penultimate(floating_features, reference_features))
+
+    # Discriminator: real references against registered images (Eqn. 3).
+    discriminator.requires_grad_(True)
+    with torch.no_grad():
+        warped = warp(floating, forward_field)
+    discriminator_loss = losses.discriminator_loss(discriminator(reference), discriminator(warped))
+    discriminator_optimiser.zero_grad(set_to_none=True)
+    discriminator_loss.backward()
+    discriminator_optimiser.step()
+
+    # Generator: the full SAR objective, the discriminator fixed.
+    discriminator.requires_grad_(False)
+    terms = registration_terms(
+        settings.weights, reference, floating, forward_field, backward_field=backward_field,
+        reference_mask=soft_otsu_mask(generator.fused_map(reference_features)),
+        floating_mask=soft_otsu_mask(generator.fused_map(floating_features)),
+        discriminator=discriminator, feature_extractor=model.feature_extractor,
+        applied_field=batch["displacement"], true_reference_mask=batch["reference_mask"],
+        true_floating_mask=batch["floating_mask"])
+    loss = total_loss(settings.weights, terms)
+    generator_optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    generator_optimiser.step()
+    return {"generator": float(loss.detach()), "discriminator": float(discriminator_loss.detach()),
+            **{name: float(value.detach()) for name, value in terms.items()}}
+
+
+def _optimisers(model: SARModel, settings: TrainingSettings) -> dict:
+    adam = torch.optim.Adam
+    return {"feature": adam(model.feature_extractor.parameters(), lr=settings.feature_learning_rate),
+            "pretrain": adam(model.generator.parameters(), lr=settings.pretrain_learning_rate),
+            "generator": adam(model.generator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999)),
+            "discriminator": adam(model.discriminator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999))}
+
+
+def _batch(dataset, step: int, settings: TrainingSettings) -> dict:
+    """The batch of ``step``: consecutive items of a per-epoch seeded permutation of the dataset."""
+    size = len(dataset)
+    items = []
+    for position in range(step * settings.batch_size, (step + 1) * settings.batch_size):
+        epoch, offset = divmod(position, size)
+        order = np.random.default_rng((settings.seed, epoch)).permutation(size)
+        items.append(dataset[int(order[offset])])
+    return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+
+
+def _save_checkpoint(model: SARModel, optimisers: dict, history: list, step: int, path: Path) -> None:
+    save_model(model, path, extra={"step": step, "history": history, "torch_rng": torch.get_rng_state(),
+                                   "optimisers": {name: o.state_dict() for name, o in optimisers.items()}})
+
+
+def _model_card(settings: TrainingSettings, history: list, data_description: str, command: str) -> dict:
+    final = {}
+    for record in history:  # the last value of every logged loss, per stage
+        final.setdefault(record["stage"], {}).update({k: v for k, v in record.items() if k not in ("step", "stage")})
+    settings_dict = asdict(settings)
+    return {"training_data": data_description, "command": command, "seed": settings.seed,
+            "steps": {"feature": settings.feature_steps, "pretrain": settings.pretrain_steps, "gan": settings.gan_steps},
+            "final_losses": final, "settings": json.loads(json.dumps(settings_dict, default=list)),
+            "date": datetime.date.today().isoformat()}
+
+
+def write_model_card(weights_path, metadata: dict) -> Path:
+    """Write the JSON model card beside a weights file, with the file's SHA-256."""
+    weights_path = Path(weights_path)
+    card = {**metadata, "weights_file": weights_path.name, "sha256": sha256_of(weights_path)}
+    card.pop("weights_path", None)
+    card_path = weights_path.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path

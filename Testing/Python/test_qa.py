@@ -1,0 +1,101 @@
+"""Tests of SARRegistrationLib.qa: the checkerboard helper and the QA figure, headless."""
+
+import matplotlib.image
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from matplotlib.figure import Figure
+
+from SARRegistrationLib import qa
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _array(read_test_image, name):
+    return sitk.GetArrayFromImage(read_test_image(name))
+
+
+def _assert_is_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 300
+    assert pixels[..., :3].std() > 0.05  # something was drawn
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_checkerboard_alternates_tiles_2d():
+    board = qa.checkerboard(np.zeros((16, 12)), np.ones((16, 12)), tiles=4)
+    rows, cols = np.indices((16, 12))
+    np.testing.assert_array_equal(board, (rows // 4 + cols // 3) % 2)
+
+
+def test_checkerboard_alternates_tiles_3d():
+    a, b = np.full((4, 6, 6), 5.0), np.full((4, 6, 6), -2.0)
+    board = qa.checkerboard(a, b, tiles=2)
+    parity = np.indices((4, 6, 6)) // np.reshape([2, 3, 3], (3, 1, 1, 1))
+    np.testing.assert_array_equal(board, np.where(parity.sum(0) % 2 == 0, 5.0, -2.0))
+
+
+def test_checkerboard_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        qa.checkerboard(np.zeros((8, 8)), np.zeros((8, 9)))
+
+
+def test_qa_figure_2d(tmp_path, read_test_image):
+    reference = _array(read_test_image, "brain_pd.nrrd")
+    floating = _array(read_test_image, "sample_floating_t1.nrrd")
+    rows, cols = np.indices(reference.shape)
+    displacement = np.stack([2.0 * np.sin(cols / 15.0), 2.0 * np.cos(rows / 20.0)])
+    path = tmp_path / "qa_2d.png"
+    qa.save_qa_figure(path, reference, floating, floating, displacement,
+                      reference_mask=_array(read_test_image, "brain_ventricles.nrrd"),
+                      floating_mask=_array(read_test_image, "sample_floating_ventricles.nrrd"),
+                      warped_mask=_array(read_test_image, "sample_floating_ventricles.nrrd"),
+                      title="sample pair")
+    _assert_is_png(path)
+
+
+def test_qa_figure_3d_without_masks_and_with_folds(tmp_path, read_test_image):
+    reference = _array(read_test_image, "brain3d_t1.nii.gz")
+    floating = np.roll(reference, 2, axis=2)
+    displacement = np.zeros((3, *reference.shape))
+    displacement[2, :, 60:64, 60:64] = -4.0 * np.arange(4)  # folds the middle slice
+    path = tmp_path / "qa_3d.png"
+    qa.save_qa_figure(str(path), reference, floating, reference, displacement)
+    _assert_is_png(path)
+
+
+def test_qa_figure_3d_with_masks(tmp_path, read_test_image):
+    reference = _array(read_test_image, "brain3d_t1.nii.gz")
+    mask = _array(read_test_image, "brain3d_ventricles.nii.gz")
+    path = tmp_path / "qa_3d_masks.png"
+    qa.save_qa_figure(path, reference, reference, reference, np.zeros((3, *reference.shape)),
+                      reference_mask=mask, floating_mask=np.roll(mask, 3, axis=2))
+    _assert_is_png(path)
+
+
+@pytest.mark.parametrize("bad", ["floating", "displacement", "warped_mask"])
+def test_mismatched_shapes_raise_and_write_nothing(tmp_path, bad):
+    shape = (32, 40)
+    arguments = {"reference": np.random.default_rng(0).random(shape), "floating": np.zeros(shape),
+                 "warped": np.zeros(shape), "displacement": np.zeros((2, *shape)), "warped_mask": None}
+    arguments[bad] = np.zeros((2, 40, 32) if bad == "displacement" else (40, 32))
+    path = tmp_path / "qa.png"
+    with pytest.raises(ValueError, match=bad):
+        qa.save_qa_figure(path, **arguments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_render_leaves_existing_file_untouched(tmp_path, monkeypatch):
+    def failing_savefig(self, stream, **kwargs):
+        stream.write(PNG_SIGNATURE)  # half a file, then the failure
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    path = tmp_path / "qa.png"
+    path.write_bytes(b"previous figure")
+    image = np.random.default_rng(0).random((16, 16))
+    with pytest.raises(RuntimeError, match="disk full"):
+        qa.save_qa_figure(path, image, image, image, np.zeros((2, 16, 16)))
+    assert path.read_bytes() == b"previous figure"
+    assert list(tmp_path.iterdir()) == [path]
