@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     train.add_argument("--no-segmentation", action="store_true", help="SAR-NoSeg: no segmentation loss terms")
     train.add_argument("--diffeomorphic", action="store_true", help="velocity field integrated by scaling and squaring")
+    train.add_argument("--vgg16-weights", type=Path,
+                       help="local torchvision VGG16 weights (vgg16-397923af.pth) for the feature-map distance "
+                            "instead of the project's own feature extractor")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
     train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
@@ -91,6 +94,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("volume", "slicewise"), default="volume",
                         help="3D only: the 3D model on the whole volume, or the 2D model slice by slice")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--affine", action="store_true",
+                        help="align the floating image affinely first (for pairs that are not pre-aligned)")
     parser.add_argument("--no-finetune", action="store_true", help="use the trained network as it is")
     parser.add_argument("--max-iterations", type=int, default=100)
     parser.add_argument("--tolerance", type=float, default=1e-4)
@@ -99,7 +104,7 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _registration_kwargs(args) -> dict:
-    return {"mode": args.mode, "device": args.device, "finetune": not args.no_finetune,
+    return {"mode": args.mode, "device": args.device, "affine": args.affine, "finetune": not args.no_finetune,
             "max_iterations": args.max_iterations, "tolerance": args.tolerance,
             "smoothness": args.smoothness, "weights": args.weights}
 
@@ -138,7 +143,8 @@ def _run_train(args) -> int:
     settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
                                 gan_steps=args.gan_steps, diffeomorphic=args.diffeomorphic, seed=args.seed,
-                                checkpoint_every=args.checkpoint_every, weights=weights)
+                                checkpoint_every=args.checkpoint_every, weights=weights,
+                                vgg16_weights=str(args.vgg16_weights) if args.vgg16_weights else None)
     command = "python -m SARRegistrationLib " + shlex.join(sys.argv[1:])
     train(settings, dataset, args.output, resume=args.resume, device=resolve_device(args.device),
           data_description=description + (f"; {args.synthetic} synthetic label-map pairs per epoch" if args.synthetic else ""),

@@ -19,7 +19,7 @@ import torch
 
 from .errors import WeightsError
 from .networks.discriminator import SARDiscriminator
-from .networks.feature_extractor import FeatureExtractor
+from .networks.feature_extractor import FeatureExtractor, VGG16Features
 from .networks.generator import SARGenerator
 
 CHECKPOINT_FORMAT = "sar-registration"
@@ -43,12 +43,13 @@ class SARModel:
 
     @classmethod
     def create(cls, ndims: int, working_size: int, generator_channels=(16, 32, 32, 64),
-               discriminator_width: int = 64, feature_channels=(16, 32, 64), diffeomorphic: bool = False) -> "SARModel":
-        """A new, untrained model."""
+               discriminator_width: int = 64, feature_channels=(16, 32, 64), diffeomorphic: bool = False,
+               vgg16_weights=None) -> "SARModel":
+        """A new, untrained model; ``vgg16_weights`` (a local torchvision VGG16 file) replaces the
+        project's own feature extractor in the content loss."""
+        features = VGG16Features(vgg16_weights) if vgg16_weights else FeatureExtractor(ndims, feature_channels)
         return cls(SARGenerator(ndims, generator_channels, diffeomorphic),
-                   SARDiscriminator(ndims, discriminator_width),
-                   FeatureExtractor(ndims, feature_channels),
-                   working_size)
+                   SARDiscriminator(ndims, discriminator_width), features, working_size)
 
     @property
     def ndims(self) -> int:
@@ -75,7 +76,8 @@ class SARModel:
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "working_size": self.working_size,
             "metadata": self.metadata,
             "configs": {name: network.config for name, network in self.networks.items()},
-            "weights": {name: network.state_dict() for name, network in self.networks.items()},
+            "weights": {name: network.state_dict() for name, network in self.networks.items()
+                        if not getattr(network, "external_weights", False)},
         }
 
 
@@ -103,6 +105,7 @@ def save_model(model: SARModel, path, extra: dict | None = None) -> Path:
     os.close(descriptor)
     try:
         torch.save(state, temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes files private; weights are meant to be shared
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -139,14 +142,16 @@ def read_checkpoint(path) -> dict:
 def model_from_state(state: dict) -> SARModel:
     configs = state["configs"]
     generator_config = dict(configs["generator"])
+    feature_config = configs["feature_extractor"]
     model = SARModel(
         SARGenerator(generator_config.pop("ndims"), **generator_config),
         SARDiscriminator(**configs["discriminator"]),
-        FeatureExtractor(**configs["feature_extractor"]),
+        VGG16Features(**feature_config) if "state_dict_path" in feature_config else FeatureExtractor(**feature_config),
         int(state["working_size"]),
         dict(state.get("metadata", {})))
     for name, network in model.networks.items():
-        network.load_state_dict(state["weights"][name])
+        if name in state["weights"]:
+            network.load_state_dict(state["weights"][name])
     return model
 
 
@@ -156,7 +161,7 @@ def load_model(path=None, ndims: int = 2, device="cpu") -> SARModel:
     state = read_checkpoint(path)
     try:
         model = model_from_state(state)
-    except (KeyError, TypeError, RuntimeError) as error:
+    except (KeyError, TypeError, RuntimeError, FileNotFoundError, ValueError) as error:
         raise WeightsError(f"{str(path)!r} holds SAR weights that do not fit this version's networks: {error}") from None
     model.metadata.setdefault("weights_path", str(path))
     for network in model.networks.values():  # a loaded model is only read; finetuning tunes a copy

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from . import imageio, metrics
+from .deformations import affine_align
 from .fields import displacement_to_sitk, transform_to_displacement
 from .devices import resolve_device
 from .errors import InputImageError, RegistrationCancelled, WeightsError
@@ -67,7 +68,7 @@ class RegistrationResult:
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
-             mode: str = "volume", device="auto", finetune: bool = True, max_iterations: int = 100,
+             mode: str = "volume", device="auto", affine: bool = False, finetune: bool = True, max_iterations: int = 100,
              tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
@@ -80,6 +81,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             and MAD; they do not steer the registration.
         mode: ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        affine: first align the floating image affinely (Mattes mutual information, as the paper
+            does before deforming); the saved field then includes the affine part.
         finetune: tune the last layer on this pair (paper §2.3); off gives the trained network's field.
         max_iterations, tolerance: finetuning stops after this many iterations or when the loss
             changes by less than ``tolerance`` between two.
@@ -111,10 +114,14 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     model.to(torch_device)
     _check_cancel(cancel)
 
+    prealignment = sitk.Transform()
+    if affine:
+        report(0.03, "affine pre-alignment")
+        prealignment = affine_align(reference, floating)
     # Slices run along SimpleITK's k axis (array axis 0): that axis keeps its voxel count.
     grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ())
     reference_input = _network_input(reference, grid, slicewise, torch_device)
-    floating_input = _network_input(floating, grid, slicewise, torch_device)
+    floating_input = _network_input(floating, grid, slicewise, torch_device, prealignment)
 
     report(0.05, "encoding the pair")
     encoding = encode_pair(model, reference_input, floating_input)
@@ -135,6 +142,11 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     report(0.92, "resampling the outputs")
     field_mm = sitk.Resample(displacement_to_sitk(_voxel_field(displacement, slicewise), grid), reference,
                              sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    if affine:  # p -> A(p + d(p)): the composite applies the last-listed transform first
+        composite = sitk.CompositeTransform([prealignment, sitk.DisplacementFieldTransform(field_mm)])
+        field_mm = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, reference.GetSize(),
+                                                     reference.GetOrigin(), reference.GetSpacing(),
+                                                     reference.GetDirection())
     transform = sitk.DisplacementFieldTransform(sitk.Image(field_mm))
     warped = sitk.Resample(floating, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     generated_reference = _mask_image(otsu_mask(encoding.reference_map), grid, slicewise)
@@ -142,7 +154,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
 
     field_voxels = transform_to_displacement(transform, reference)
     summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
-               "finetuned": finetune, "iterations": iterations, "converged": converged,
+               "affine_prealignment": affine, "finetuned": finetune, "iterations": iterations, "converged": converged,
                "folding_fraction": metrics.folding_fraction(field_voxels),
                "max_displacement_mm": float(np.linalg.norm(imageio.array_of(field_mm), axis=-1).max()),
                "weights": model.metadata.get("weights_path", "in memory")}
@@ -164,7 +176,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     return RegistrationResult(
         warped=warped, displacement=field_mm,
         reference_mask=imageio.resample_to(generated_reference, reference, label=True),
-        floating_mask=imageio.resample_to(generated_floating, floating, label=True),
+        floating_mask=imageio.resample_to(generated_floating, floating, label=True,
+                                          transform=prealignment.GetInverse()),
         metrics=summary, warped_floating_mask=warped_floating_mask, qa_arrays=qa_arrays)
 
 
@@ -177,9 +190,9 @@ def _as_image(source, role: str, mask: bool = False):
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
 
 
-def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device) -> torch.Tensor:
+def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None) -> torch.Tensor:
     """``(B, 1, *spatial)`` in [0, 1] on the working grid; the slices are the batch in slice-wise mode."""
-    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
+    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid, transform=transform)))
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)

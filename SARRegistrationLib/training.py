@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class TrainingSettings:
     discriminator_width: int = 16
     feature_channels: tuple = (16, 32, 64)
     diffeomorphic: bool = False
+    vgg16_weights: str | None = None  # a local torchvision VGG16 file; no feature stage then
     seed: int = 0
     checkpoint_every: int = 100
     weights: LossWeights = field(default_factory=LossWeights)
@@ -80,8 +81,11 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     """
     device = torch.device(device)
     torch.manual_seed(settings.seed)
+    if settings.vgg16_weights:  # ImageNet VGG16 comes trained: no feature stage
+        settings = replace(settings, feature_steps=0)
     model = SARModel.create(settings.ndims, max(settings.shape), settings.generator_channels,
-                            settings.discriminator_width, settings.feature_channels, settings.diffeomorphic)
+                            settings.discriminator_width, settings.feature_channels, settings.diffeomorphic,
+                            settings.vgg16_weights)
     optimisers = _optimisers(model, settings)
     history, start = [], 0
     checkpoint = checkpoint_path_for(output_path)
@@ -179,10 +183,13 @@ def _gan_step(model: SARModel, batch, generator_optimiser, discriminator_optimis
 
 def _optimisers(model: SARModel, settings: TrainingSettings) -> dict:
     adam = torch.optim.Adam
-    return {"feature": adam(model.feature_extractor.parameters(), lr=settings.feature_learning_rate),
-            "pretrain": adam(model.generator.parameters(), lr=settings.pretrain_learning_rate),
-            "generator": adam(model.generator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999)),
-            "discriminator": adam(model.discriminator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999))}
+    optimisers = {
+        "pretrain": adam(model.generator.parameters(), lr=settings.pretrain_learning_rate),
+        "generator": adam(model.generator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999)),
+        "discriminator": adam(model.discriminator.parameters(), lr=settings.gan_learning_rate, betas=(0.5, 0.999))}
+    if settings.feature_steps:
+        optimisers["feature"] = adam(model.feature_extractor.parameters(), lr=settings.feature_learning_rate)
+    return optimisers
 
 
 def _batch(dataset, step: int, settings: TrainingSettings) -> dict:

@@ -182,8 +182,12 @@ class VGG16Features(nn.Module):
         state_dict_path: path to e.g. ``vgg16-397923af.pth``.
     """
 
+    # Its weights stay in the user's file: SAR weights files record only the path.
+    external_weights = True
+
     def __init__(self, state_dict_path: str | Path):
         super().__init__()
+        self.state_dict_path = str(state_dict_path)
         self.features = vgg_layers(VGG16_CONFIG)[:VGG16_TAPS[-1] + 1]
         weights = _load_vgg_features(Path(state_dict_path))
         expected = self.features.state_dict().keys()
@@ -195,6 +199,10 @@ class VGG16Features(nn.Module):
         self.eval()
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def config(self) -> dict:
+        return {"state_dict_path": self.state_dict_path}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Four feature maps of ``x`` (see the class docstring for shapes)."""
