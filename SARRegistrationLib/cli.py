@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, required=True, help="weights file to write (.pt)")
     train.add_argument("--ndims", type=int, choices=(2, 3), default=2)
     train.add_argument("--shape", type=int, nargs="+", default=[128, 128], help="working shape of training pairs")
+    train.add_argument("--working-size", type=int,
+                       help="voxels along the largest axis of the grid registration uses (default: max of --shape)")
     train.add_argument("--epoch-length", type=int, default=1000, help="pairs drawn per epoch from the real images")
     train.add_argument("--max-displacement-mm", type=float, default=8.0)
     train.add_argument("--batch-size", type=int, default=4)
@@ -143,7 +145,7 @@ def _run_train(args) -> int:
     settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
                                 gan_steps=args.gan_steps, diffeomorphic=args.diffeomorphic, seed=args.seed,
-                                checkpoint_every=args.checkpoint_every, weights=weights,
+                                checkpoint_every=args.checkpoint_every, weights=weights, working_size=args.working_size,
                                 vgg16_weights=str(args.vgg16_weights) if args.vgg16_weights else None)
     command = "python -m SARRegistrationLib " + shlex.join(sys.argv[1:])
     train(settings, dataset, args.output, resume=args.resume, device=resolve_device(args.device),

@@ -41,6 +41,9 @@ class FinetuneSettings:
     max_iterations: int = 100
     tolerance: float = 1e-4  # stop when |loss(i) - loss(i-1)| falls below this
     learning_rate: float = 2e-3
+    # Slice-wise, the one last layer serves every slice, so it is tuned on at most this many
+    # evenly spaced slices: the cost per iteration stays that of a few 2D images.
+    max_slices: int = 8
     weights: LossWeights = field(default_factory=lambda: LossWeights().for_finetuning())
 
 
@@ -73,14 +76,19 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
                         cancel: CancelCheck | None = None) -> FinetuneResult:
     """Tune a copy of the generator's last layer on one pair until the loss stops changing.
 
-    Raises :class:`RegistrationCancelled` as soon as ``cancel()`` returns true.
+    ``model`` must be in evaluation mode (as :func:`model.load_model` and :func:`register` leave
+    it), so that batch-norm statistics are used, not updated. Raises :class:`RegistrationCancelled` as soon as ``cancel()`` returns true.
     """
     settings = settings or FinetuneSettings()
     generator = model.generator
     head = copy.deepcopy(generator.flow_head).requires_grad_(True)
     optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
+    tuned_on = _evenly_spaced(reference.shape[0], settings.max_slices)
+    encoding_subset = PairEncoding(*(getattr(encoding, name)[tuned_on] for name in PairEncoding.__dataclass_fields__))
+    reference, floating = reference[tuned_on], floating[tuned_on]
     # The masks come before the last layer, so they stay fixed while it is tuned.
-    reference_mask, floating_mask = soft_otsu_mask(encoding.reference_map), soft_otsu_mask(encoding.floating_map)
+    reference_mask = soft_otsu_mask(encoding_subset.reference_map)
+    floating_mask = soft_otsu_mask(encoding_subset.floating_map)
     frozen = {"discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
 
     history, converged = [], False
@@ -88,13 +96,14 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
         if cancel is not None and cancel():
             raise RegistrationCancelled("Registration cancelled during finetuning; nothing was written.")
         optimiser.zero_grad(set_to_none=True)
-        forward_field = generator.field(encoding.forward, head)
-        backward_field = generator.field(encoding.backward, head) if settings.weights.cycle else None
+        forward_field = generator.field(encoding_subset.forward, head)
+        backward_field = generator.field(encoding_subset.backward, head) if settings.weights.cycle else None
         terms = registration_terms(settings.weights, reference, floating, forward_field,
                                    backward_field=backward_field, reference_mask=reference_mask,
                                    floating_mask=floating_mask, **frozen)
         loss = total_loss(settings.weights, terms)
-        loss.backward()
+        # Gradients flow through the frozen networks to the field but are kept for the head alone.
+        loss.backward(inputs=list(head.parameters()))
         optimiser.step()
         history.append(float(loss.detach()))
         if progress is not None:
@@ -105,3 +114,10 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
     with torch.no_grad():
         displacement = generator.field(encoding.forward, head)
     return FinetuneResult(displacement, head.requires_grad_(False), history, converged)
+
+
+def _evenly_spaced(count: int, at_most: int) -> torch.Tensor:
+    """Indices of at most ``at_most`` of ``count`` batch items, spread evenly (all when they fit)."""
+    if count <= at_most:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, at_most).round().long()

@@ -114,7 +114,11 @@ def working_grid(reference: sitk.Image, max_size: int, keep_axes=()) -> sitk.Ima
     size = reference.GetSize()
     scaled_axes = [axis for axis in range(len(size)) if axis not in keep_axes]
     scale = min([1.0] + [max_size / size[axis] for axis in scaled_axes])
-    new_size = [n if axis in keep_axes else int(np.ceil(n * scale / GRID_MULTIPLE) * GRID_MULTIPLE)
+    # Round up to a multiple of 8 (the 1e-9 absorbs float error in n * max_size / n), but never
+    # past the largest multiple of 8 that max_size allows.
+    ceiling = max(GRID_MULTIPLE, max_size // GRID_MULTIPLE * GRID_MULTIPLE)
+    new_size = [n if axis in keep_axes else
+                min(ceiling, int(np.ceil(n * scale / GRID_MULTIPLE - 1e-9)) * GRID_MULTIPLE)
                 for axis, n in enumerate(size)]
     return grid_with_shape(reference, new_size)
 

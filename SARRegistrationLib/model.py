@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,16 +120,21 @@ def read_checkpoint(path) -> dict:
                            "with 'python -m SARRegistrationLib train'.")
     card_path = path.with_suffix(".json")
     if card_path.is_file():
-        expected = json.loads(card_path.read_text()).get("sha256")
+        try:
+            expected = json.loads(card_path.read_text()).get("sha256")
+        except (ValueError, AttributeError):
+            raise WeightsError(f"The model card {str(card_path)!r} beside the weights is not valid JSON; "
+                               "restore it or remove it.") from None
         actual = sha256_of(path)
         if expected and expected != actual:
             raise WeightsError(f"The weights file {str(path)!r} does not match its model card {card_path.name} "
                                f"(SHA-256 {actual[:12]}… instead of {expected[:12]}…): it is corrupt or was replaced.")
     try:
+        # weights_only=True: the file can hold tensors and plain containers only, never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{str(path)!r} is not a readable SAR weights file ({reason}).") from None
+    except Exception as error:  # noqa: BLE001 - whatever a foreign or broken file raises, the answer is the same
+        raise WeightsError(f"{str(path)!r} is not a readable SAR weights file: it is corrupt, truncated, "
+                           f"or not a PyTorch weights file ({type(error).__name__}).") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{str(path)!r} is a PyTorch file but not a SAR weights file.")
     if state.get("version") != CHECKPOINT_VERSION:
@@ -161,7 +165,7 @@ def load_model(path=None, ndims: int = 2, device="cpu") -> SARModel:
     state = read_checkpoint(path)
     try:
         model = model_from_state(state)
-    except (KeyError, TypeError, RuntimeError, FileNotFoundError, ValueError) as error:
+    except (KeyError, TypeError, RuntimeError, FileNotFoundError, ValueError, AttributeError) as error:
         raise WeightsError(f"{str(path)!r} holds SAR weights that do not fit this version's networks: {error}") from None
     model.metadata.setdefault("weights_path", str(path))
     for network in model.networks.values():  # a loaded model is only read; finetuning tunes a copy

@@ -111,7 +111,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         raise WeightsError(f"These weights are for {model.ndims}D images but {mode} registration of a "
                            f"{reference.GetDimension()}D image needs a {network_ndims}D model"
                            + (" (or choose mode 'slicewise')." if network_ndims == 3 else "."))
-    model.to(torch_device)
+    model.to(torch_device).eval()  # inference: batch norm uses, and never updates, its statistics
     _check_cancel(cancel)
 
     prealignment = sitk.Transform()

@@ -51,6 +51,7 @@ class TrainingSettings:
     feature_channels: tuple = (16, 32, 64)
     diffeomorphic: bool = False
     vgg16_weights: str | None = None  # a local torchvision VGG16 file; no feature stage then
+    working_size: int | None = None  # largest axis of the grid registration will use; default max(shape)
     seed: int = 0
     checkpoint_every: int = 100
     weights: LossWeights = field(default_factory=LossWeights)
@@ -83,7 +84,7 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     torch.manual_seed(settings.seed)
     if settings.vgg16_weights:  # ImageNet VGG16 comes trained: no feature stage
         settings = replace(settings, feature_steps=0)
-    model = SARModel.create(settings.ndims, max(settings.shape), settings.generator_channels,
+    model = SARModel.create(settings.ndims, settings.working_size or max(settings.shape), settings.generator_channels,
                             settings.discriminator_width, settings.feature_channels, settings.diffeomorphic,
                             settings.vgg16_weights)
     optimisers = _optimisers(model, settings)

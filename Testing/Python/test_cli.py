@@ -1,0 +1,211 @@
+"""Tests of the command line (SARRegistrationLib.cli), run in-process, and of resumable training."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from helpers import one_torch_thread, small_label, small_pair_2d, tiny_model  # noqa: F401  (autouse fixture)
+from SARRegistrationLib import cli, training
+from SARRegistrationLib.datasets import SyntheticPairDataset
+from SARRegistrationLib.errors import RegistrationCancelled
+from SARRegistrationLib.model import load_model, read_checkpoint, save_model
+
+FIVE_OUTPUTS = ["displacement.nrrd", "floating_mask.nrrd", "metrics.json", "reference_mask.nrrd", "warped.nrrd"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, read_test_image):
+    """A small 2D pair with masks as files, and tiny 2D weights."""
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    reference, floating = small_pair_2d(read_test_image, 3)
+    paths = {"reference": folder / "reference.nrrd", "floating": folder / "floating.nrrd",
+             "reference_mask": folder / "reference_mask.nrrd", "floating_mask": folder / "floating_mask.nrrd",
+             "weights": folder / "tiny_2d.pt"}
+    sitk.WriteImage(reference, str(paths["reference"]))
+    sitk.WriteImage(floating, str(paths["floating"]))
+    sitk.WriteImage(small_label(read_test_image("brain_ventricles.nrrd"), 3), str(paths["reference_mask"]))
+    sitk.WriteImage(small_label(read_test_image("sample_floating_ventricles.nrrd"), 3), str(paths["floating_mask"]))
+    save_model(tiny_model(2), paths["weights"])
+    return paths
+
+
+def _register_args(inputs, output_dir, *extra):
+    return ["register", "--reference", str(inputs["reference"]), "--floating", str(inputs["floating"]),
+            "--output-dir", str(output_dir), "--weights", str(inputs["weights"]), "--device", "cpu",
+            "--max-iterations", "2", *extra]
+
+
+def test_register_writes_the_outputs(tmp_path, inputs, capsys):
+    output = tmp_path / "result"
+    assert cli.main(_register_args(inputs, output, "--no-qa")) == 0
+    assert sorted(p.name for p in output.iterdir()) == FIVE_OUTPUTS
+    stdout = capsys.readouterr().out
+    assert "wrote" in stdout and str(output / "warped.nrrd") in stdout
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["iterations"] <= 2 and metrics["device"] == "cpu"
+    assert metrics["weights"] == str(inputs["weights"])
+    warped = sitk.ReadImage(str(output / "warped.nrrd"))
+    assert warped.GetSize() == sitk.ReadImage(str(inputs["reference"])).GetSize()
+
+
+def test_register_with_masks_and_qa_figure(tmp_path, inputs):
+    output = tmp_path / "result"
+    args = _register_args(inputs, output, "--reference-mask", str(inputs["reference_mask"]),
+                          "--floating-mask", str(inputs["floating_mask"]), "--no-finetune")
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in output.iterdir()) == sorted(FIVE_OUTPUTS + ["qa.png", "warped_floating_mask.nrrd"])
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["iterations"] == 0 and set(metrics["after"]) == {"dice", "hd95_mm", "mad_mm"}
+
+
+def test_register_missing_input(tmp_path, inputs, capsys):
+    output = tmp_path / "never_created"
+    args = _register_args(inputs, output)
+    args[args.index("--floating") + 1] = str(tmp_path / "no_such_image.nrrd")
+    assert cli.main(args) == 2
+    stderr = capsys.readouterr().err
+    assert "error:" in stderr and "no_such_image.nrrd" in stderr and "does not exist" in stderr
+    assert not output.exists()
+
+
+def test_register_missing_weights(tmp_path, inputs, capsys):
+    output = tmp_path / "never_created"
+    args = _register_args(inputs, output)
+    args[args.index("--weights") + 1] = str(tmp_path / "gone.pt")
+    assert cli.main(args) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_register_needs_inputs(tmp_path, capsys):
+    assert cli.main(["register", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--reference and --floating" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_writes_weights_and_model_card(tmp_path, data_dir, capsys):
+    output = tmp_path / "model" / "sar_test.pt"
+    args = ["train", "--images", str(data_dir / "rat_lung_1.nrrd"), "--synthetic", "2", "--ndims", "2",
+            "--shape", "32", "32", "--epoch-length", "2", "--batch-size", "2", "--feature-steps", "1",
+            "--pretrain-steps", "1", "--gan-steps", "1", "--device", "cpu", "--output", str(output)]
+    assert cli.main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    card_path = output.with_suffix(".json")
+    assert sorted(p.name for p in output.parent.iterdir()) == ["sar_test.json", "sar_test.pt"]  # checkpoint gone
+    card = json.loads(card_path.read_text())
+    assert card["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
+    assert card["weights_file"] == "sar_test.pt"
+    assert card["steps"] == {"feature": 1, "pretrain": 1, "gan": 1}
+    assert set(card["final_losses"]) == {"feature", "pretrain", "gan"}
+    assert "rat_lung_1.nrrd" in card["training_data"]
+    model = load_model(output)  # passes the card's hash check
+    assert model.ndims == 2 and model.working_size == 32
+
+
+def test_train_rejects_bad_arguments(tmp_path, capsys):
+    assert cli.main(["train", "--output", str(tmp_path / "w.pt")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert cli.main(["train", "--synthetic", "2", "--shape", "32", "--output", str(tmp_path / "w.pt")]) == 2
+    assert "--shape needs 2 numbers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+TINY_TRAINING = dict(ndims=2, shape=(32, 32), batch_size=2, feature_steps=1, pretrain_steps=2, gan_steps=2,
+                     generator_channels=(8, 16, 16, 16), discriminator_width=8, feature_channels=(8, 16),
+                     checkpoint_every=1, seed=3)
+
+
+def _cancel_after(steps):
+    calls = []
+
+    def cancel():
+        calls.append(True)
+        return len(calls) > steps
+
+    return cancel
+
+
+def test_training_resumes_where_it_was_cancelled(tmp_path, monkeypatch):
+    settings = training.TrainingSettings(**TINY_TRAINING)
+    dataset = SyntheticPairDataset((32, 32), 6, seed=0)
+    output = tmp_path / "resumed.pt"
+    checkpoint = training.checkpoint_path_for(output)
+
+    with pytest.raises(RegistrationCancelled, match="cancelled at step 3"):
+        training.train(settings, dataset, output, device="cpu", show_progress=False, cancel=_cancel_after(3))
+    assert not output.exists()
+    state = read_checkpoint(checkpoint)
+    assert state["training"]["step"] == 3
+    assert [record["step"] for record in state["training"]["history"]] == [1, 2, 3]
+
+    saved = []
+    original = training._save_checkpoint
+
+    def recording(model, optimisers, history, step, path):
+        saved.append((step, [record["step"] for record in history], [record["stage"] for record in history]))
+        return original(model, optimisers, history, step, path)
+
+    monkeypatch.setattr(training, "_save_checkpoint", recording)
+    resumed = training.train(settings, dataset, output, resume=True, device="cpu", show_progress=False)
+
+    assert [step for step, _, _ in saved] == [4, 5]  # started after step 3, not from scratch
+    final_step, steps, stages = saved[-1]
+    assert final_step == settings.total_steps == 5
+    assert steps == [1, 2, 3, 4, 5]
+    assert stages == ["feature", "pretrain", "pretrain", "gan", "gan"]
+    assert output.is_file() and output.with_suffix(".json").is_file() and not checkpoint.exists()
+
+    # A resumed run ends where an uninterrupted one does.
+    monkeypatch.setattr(training, "_save_checkpoint", original)
+    straight = training.train(settings, dataset, tmp_path / "straight.pt", device="cpu", show_progress=False)
+    for name, network in straight.networks.items():
+        expected, actual = network.state_dict(), resumed.networks[name].state_dict()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_cli_train_resume(tmp_path, monkeypatch, capsys):
+    """--resume continues from the checkpoint beside --output."""
+    output = tmp_path / "cli_resume.pt"
+    settings = training.TrainingSettings(ndims=2, shape=(32, 32), batch_size=2, feature_steps=1, pretrain_steps=1,
+                                         gan_steps=1, checkpoint_every=1, seed=0)
+    from SARRegistrationLib.datasets import training_dataset
+
+    dataset = training_dataset([], (32, 32), 2, synthetic=2, seed=0, max_displacement_mm=8.0)
+    with pytest.raises(RegistrationCancelled):
+        training.train(settings, dataset, output, device="cpu", show_progress=False, cancel=_cancel_after(2))
+    assert read_checkpoint(training.checkpoint_path_for(output))["training"]["step"] == 2
+
+    saved = []
+    original = training._save_checkpoint
+    monkeypatch.setattr(training, "_save_checkpoint",
+                        lambda model, optimisers, history, step, path: (saved.append((step, len(history))),
+                                                                        original(model, optimisers, history, step, path)))
+    args = ["train", "--synthetic", "2", "--shape", "32", "32", "--epoch-length", "2", "--batch-size", "2",
+            "--feature-steps", "1", "--pretrain-steps", "1", "--gan-steps", "1", "--checkpoint-every", "1",
+            "--device", "cpu", "--output", str(output), "--resume"]
+    assert cli.main(args) == 0
+    assert saved == [(3, 3)]
+    assert not training.checkpoint_path_for(output).exists()
+    load_model(output)
+
+
+def test_evaluate_prints_before_and_after(tmp_path, inputs, capsys):
+    rows_path = tmp_path / "rows.json"
+    args = ["evaluate", "--images", str(inputs["reference"]), "--masks", str(inputs["reference_mask"]),
+            "--pairs-per-image", "1", "--weights", str(inputs["weights"]), "--device", "cpu",
+            "--max-iterations", "2", "--max-displacement-mm", "4", "--output", str(rows_path)]
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| |") and "Dice" in table[0] and "field error (mm)" in table[0]
+    assert table[2].startswith("| before |") and table[3].startswith("| after |")
+    assert len(table) == 4
+    rows = json.loads(rows_path.read_text())
+    assert len(rows) == 1
+    assert rows[0]["field_error_mm"]["before"] > 0
+    assert np.isfinite(rows[0]["field_error_mm"]["after"])
+    assert set(rows[0]["after"]) == {"dice", "hd95_mm", "mad_mm"}

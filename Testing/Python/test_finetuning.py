@@ -1,0 +1,184 @@
+"""Tests of SARRegistrationLib.finetuning: per-pair tuning of a copy of the generator's last layer."""
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, tiny_model  # noqa: F401  (autouse fixture)
+from SARRegistrationLib import imageio
+from SARRegistrationLib.errors import RegistrationCancelled
+from SARRegistrationLib.finetuning import FinetuneSettings, encode_pair, finetune_last_layer
+from SARRegistrationLib.model import load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def real_pair(read_test_image):
+    """BrainWeb PD reference and deformed T1 floating image on a 64 x 64 grid, in [0, 1]."""
+    reference, floating = read_test_image("brain_pd.nrrd"), read_test_image("sample_floating_t1.nrrd")
+    grid = imageio.grid_with_shape(reference, (64, 64))
+
+    def tensor(image):
+        array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
+        return torch.from_numpy(array)[None, None]
+
+    return tensor(reference), tensor(floating)
+
+
+@pytest.fixture(scope="module")
+def loaded_model(tmp_path_factory):
+    """A tiny model as register() gets it from a weights file: eval mode, nothing requires grad."""
+    path = save_model(tiny_model(2, working_size=64), tmp_path_factory.mktemp("weights") / "w.pt")
+    return load_model(path)
+
+
+def _snapshot(model):
+    return {name: {key: value.clone() for key, value in network.state_dict().items()}
+            for name, network in model.networks.items()}
+
+
+def _assert_unchanged(model, snapshot):
+    for name, network in model.networks.items():
+        state = network.state_dict()
+        assert state.keys() == snapshot[name].keys()
+        for key, value in state.items():
+            assert torch.equal(value, snapshot[name][key]), f"{name}.{key} changed"
+
+
+def test_only_a_copy_of_the_last_layer_changes(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    before = _snapshot(loaded_model)
+
+    result = finetune_last_layer(loaded_model, encoding, reference, floating,
+                                 FinetuneSettings(max_iterations=4, tolerance=0))
+
+    _assert_unchanged(loaded_model, before)
+    assert result.head is not loaded_model.generator.flow_head
+    assert not torch.equal(result.head.weight, loaded_model.generator.flow_head.weight)
+    assert not torch.equal(result.head.bias, loaded_model.generator.flow_head.bias)
+    assert all(not p.requires_grad for p in result.head.parameters())
+    with torch.no_grad():
+        expected = loaded_model.generator.field(encoding.forward, result.head)
+    torch.testing.assert_close(result.displacement, expected)
+    assert result.displacement.shape == (1, 2, 64, 64)
+    assert not result.displacement.requires_grad
+
+
+def test_no_gradient_reaches_a_loaded_models_networks(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    finetune_last_layer(loaded_model, encoding, reference, floating, FinetuneSettings(max_iterations=2, tolerance=0))
+    for name, network in loaded_model.networks.items():
+        assert all(p.grad is None for p in network.parameters()), name
+
+
+def test_no_gradient_reaches_a_created_models_networks(real_pair):
+    model = tiny_model(2, working_size=64)
+    reference, floating = real_pair
+    encoding = encode_pair(model, reference, floating)
+    finetune_last_layer(model, encoding, reference, floating, FinetuneSettings(max_iterations=2, tolerance=0))
+    for name, network in model.networks.items():
+        assert all(p.grad is None for p in network.parameters()), name
+
+
+def test_created_model_is_not_modified(real_pair):
+    model = tiny_model(2, working_size=64)
+    reference, floating = real_pair
+    encoding = encode_pair(model, reference, floating)
+    before = _snapshot(model)
+    finetune_last_layer(model, encoding, reference, floating, FinetuneSettings(max_iterations=3, tolerance=0))
+    _assert_unchanged(model, before)
+
+
+def test_huge_tolerance_stops_after_two_iterations(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    result = finetune_last_layer(loaded_model, encoding, reference, floating,
+                                 FinetuneSettings(max_iterations=50, tolerance=1e9))
+    assert result.iterations == len(result.losses) == 2
+    assert result.converged is True
+
+
+def test_zero_tolerance_runs_every_iteration(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    calls = []
+    result = finetune_last_layer(loaded_model, encoding, reference, floating,
+                                 FinetuneSettings(max_iterations=5, tolerance=0.0),
+                                 progress=lambda fraction, message: calls.append((fraction, message)))
+    assert result.iterations == 5
+    assert result.converged is False
+    fractions = [fraction for fraction, _ in calls]
+    assert len(fractions) == 5
+    assert all(0 < fraction <= 1 for fraction in fractions)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert all(isinstance(message, str) and message for _, message in calls)
+
+
+def test_progress_fractions_with_early_stop(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    fractions = []
+    finetune_last_layer(loaded_model, encoding, reference, floating, FinetuneSettings(max_iterations=10, tolerance=1e9),
+                        progress=lambda fraction, message: fractions.append(fraction))
+    assert fractions == pytest.approx([0.1, 0.2])
+
+
+def test_cancel_raises_and_stops(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    asked, progressed = [], []
+
+    def cancel():
+        asked.append(True)
+        return len(asked) >= 3  # cancel before the third iteration
+
+    with pytest.raises(RegistrationCancelled, match="cancelled"):
+        finetune_last_layer(loaded_model, encoding, reference, floating,
+                            FinetuneSettings(max_iterations=10, tolerance=0.0),
+                            progress=lambda fraction, message: progressed.append(fraction), cancel=cancel)
+    assert len(asked) == 3 and len(progressed) == 2
+
+
+def test_loss_decreases_on_a_real_pair(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    result = finetune_last_layer(loaded_model, encoding, reference, floating,
+                                 FinetuneSettings(max_iterations=30, tolerance=0.0))
+    assert result.iterations == 30
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < result.losses[0] - 1e-3
+    assert min(result.losses[-5:]) < min(result.losses[:5])
+    assert result.displacement.abs().max() > 1e-2  # the field moved away from the untrained identity
+
+
+def test_settings_weights_are_used(loaded_model, real_pair):
+    reference, floating = real_pair
+    encoding = encode_pair(loaded_model, reference, floating)
+    default = FinetuneSettings(max_iterations=1, tolerance=0.0)
+    assert default.weights.field == 0.0  # finetuning has no applied field
+    stronger = FinetuneSettings(max_iterations=1, tolerance=0.0)
+    stronger.weights.smoothness = 50.0
+    smooth_only = FinetuneSettings(max_iterations=1, tolerance=0.0)
+    for name in ("nmi", "ssim", "features", "adversarial", "cycle", "segmentation"):
+        setattr(smooth_only.weights, name, 0.0)
+    loss = lambda settings: finetune_last_layer(loaded_model, encoding, reference, floating, settings).losses[0]
+    assert loss(default) > loss(smooth_only) >= 0
+    assert loss(stronger) >= loss(default)
+
+
+def test_a_batch_of_slices_gets_one_field_per_slice(loaded_model, real_pair):
+    reference, floating = real_pair
+    shifts = range(12)  # a batch of 12 different "slices"
+    reference = torch.cat([torch.roll(reference, s, dims=-1) for s in shifts])
+    floating = torch.cat([torch.roll(floating, s, dims=-2) for s in shifts])
+    encoding = encode_pair(loaded_model, reference, floating)
+    before = _snapshot(loaded_model)
+    settings = FinetuneSettings(max_iterations=2, tolerance=0.0)
+    settings.max_slices = 4
+    result = finetune_last_layer(loaded_model, encoding, reference, floating, settings)
+    assert result.iterations == 2
+    assert result.displacement.shape == (12, 2, 64, 64)
+    with torch.no_grad():
+        expected = loaded_model.generator.field(encoding.forward, result.head)
+    torch.testing.assert_close(result.displacement, expected)
+    _assert_unchanged(loaded_model, before)

@@ -1,0 +1,403 @@
+"""Tests of SARRegistrationLib.registration.register: geometry, the ITK field convention, outputs, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from helpers import (index_to_physical, one_torch_thread, perturb_head, rotation_2d,  # noqa: F401
+                     small_float, small_label, small_pair_2d, tiny_model, with_geometry)
+from SARRegistrationLib import imageio
+from SARRegistrationLib.errors import (DeviceError, InputImageError, RegistrationCancelled, SARError,
+                                       WeightsError)
+from SARRegistrationLib.model import save_model
+from SARRegistrationLib.registration import RegistrationResult, register
+
+REFERENCE_GEOMETRY = ((-40.0, 25.5), (2.9, 3.1), rotation_2d(20.0))
+FLOATING_GEOMETRY = ((-38.5, 23.0), (3.0, 3.0), rotation_2d(20.0))
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def pair_2d(read_test_image):
+    """Small real 2D pair (61 x 73 voxels) with non-trivial, different origins, spacings and directions."""
+    reference, floating = small_pair_2d(read_test_image, 3)
+    return with_geometry(reference, *REFERENCE_GEOMETRY), with_geometry(floating, *FLOATING_GEOMETRY)
+
+
+@pytest.fixture(scope="module")
+def masks_2d(read_test_image):
+    reference_mask = small_label(read_test_image("brain_ventricles.nrrd"), 3)
+    floating_mask = small_label(read_test_image("sample_floating_ventricles.nrrd"), 3)
+    return with_geometry(reference_mask, *REFERENCE_GEOMETRY), with_geometry(floating_mask, *FLOATING_GEOMETRY)
+
+
+@pytest.fixture(scope="module")
+def volume(read_test_image):
+    """brain3d_t1 shrunk to 32 x 32 x 15 voxels (8 x 8 x 12 mm), with its non-identity direction."""
+    image = small_float(read_test_image("brain3d_t1.nii.gz"), 4)
+    assert image.GetSize() == (32, 32, 15)
+    return image
+
+
+@pytest.fixture(scope="module")
+def weights_2d(tmp_path_factory):
+    return save_model(tiny_model(2), tmp_path_factory.mktemp("weights2d") / "tiny_2d.pt")
+
+
+@pytest.fixture(scope="module")
+def weights_3d(tmp_path_factory):
+    return save_model(tiny_model(3), tmp_path_factory.mktemp("weights3d") / "tiny_3d.pt")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _same_grid(image, grid):
+    assert image.GetSize() == grid.GetSize()
+    np.testing.assert_allclose(image.GetOrigin(), grid.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(image.GetSpacing(), grid.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(image.GetDirection(), grid.GetDirection(), atol=1e-9)
+
+
+def _itk_warp(floating, reference, displacement):
+    transform = sitk.DisplacementFieldTransform(sitk.Image(displacement))
+    return sitk.Resample(floating, reference, transform, sitk.sitkLinear)
+
+
+def _assert_itk_reproduces_warped(result, reference, floating):
+    assert floating.GetPixelID() == sitk.sitkFloat32  # so that Resample keeps float output
+    expected = sitk.GetArrayFromImage(_itk_warp(floating, reference, result.displacement))
+    warped = sitk.GetArrayFromImage(result.warped)
+    assert np.abs(warped - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    # ... and the field is not a near-zero one, for which this check would say little
+    unwarped = sitk.GetArrayFromImage(sitk.Resample(floating, reference, sitk.Transform(), sitk.sitkLinear))
+    assert np.abs(warped - unwarped).max() > 0.1 * np.abs(unwarped).max()
+
+
+def _field_mm(result):
+    return sitk.GetArrayFromImage(result.displacement)  # (*spatial, ndims), physical x, y(, z)
+
+
+def _index_steps(result, reference):
+    """The field in index steps of the reference (x, y(, z) order, last axis)."""
+    return _field_mm(result) @ np.linalg.inv(index_to_physical(reference)).T
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+def test_outputs_are_on_the_reference_grid(pair_2d, weights_2d):
+    reference, floating = pair_2d
+    result = register(reference, floating, weights=weights_2d, device="cpu", max_iterations=3, tolerance=0)
+
+    assert isinstance(result, RegistrationResult)
+    for image in (result.warped, result.displacement, result.reference_mask):
+        _same_grid(image, reference)
+    _same_grid(result.floating_mask, floating)
+    assert result.displacement.GetNumberOfComponentsPerPixel() == 2
+    assert result.displacement.GetPixelID() == sitk.sitkVectorFloat64
+    assert result.warped.GetPixelID() == sitk.sitkFloat32
+    for mask in (result.reference_mask, result.floating_mask):
+        values = np.unique(sitk.GetArrayFromImage(mask))
+        assert set(values.tolist()) <= {0, 1} and len(values) == 2
+    assert result.metrics["iterations"] == 3 and result.metrics["converged"] is False
+    assert result.metrics["mode"] == "image" and result.metrics["device"] == "cpu"
+    assert result.metrics["weights"] == str(weights_2d)
+    assert 0.0 <= result.metrics["folding_fraction"] <= 1.0
+    assert result.transform().GetName() == "DisplacementFieldTransform"
+
+
+def test_itk_resample_with_the_field_reproduces_warped_2d(pair_2d):
+    reference, floating = pair_2d
+    model = perturb_head(tiny_model(2), bias=[1.5, -2.0], weight_std=0.05)
+    result = register(reference, floating, model, device="cpu", finetune=False)
+
+    assert np.linalg.norm(_field_mm(result), axis=-1).max() > 2.0  # mm: several voxels of the working grid
+    _assert_itk_reproduces_warped(result, reference, floating)
+    assert result.metrics["max_displacement_mm"] == pytest.approx(np.linalg.norm(_field_mm(result), axis=-1).max())
+
+
+def test_itk_resample_reproduces_warped_after_finetuning(pair_2d):
+    reference, floating = pair_2d
+    model = perturb_head(tiny_model(2), bias=[-1.0, 2.5], weight_std=0.05)
+    result = register(reference, floating, model, device="cpu", max_iterations=3, tolerance=0)
+    assert result.metrics["iterations"] == 3
+    _assert_itk_reproduces_warped(result, reference, floating)
+
+
+def test_constant_network_field_is_the_expected_physical_translation_2d(pair_2d):
+    reference, floating = pair_2d
+    model = tiny_model(2)
+    bias = np.array([1.25, -2.5])  # working-grid voxels along array axes (y, x)
+    perturb_head(model, bias=bias, weight_std=0.0)
+    result = register(reference, floating, model, device="cpu", finetune=False)
+
+    grid = imageio.working_grid(reference, model.working_size)
+    expected_mm = index_to_physical(grid) @ bias[::-1]  # index order x, y
+    field = _field_mm(result)
+    np.testing.assert_allclose(field, np.broadcast_to(expected_mm, field.shape), atol=1e-6)
+    # Warping by the field is translating the floating image by that vector (reference -> floating point).
+    translated = sitk.Resample(floating, reference, sitk.TranslationTransform(2, expected_mm.tolist()),
+                               sitk.sitkLinear)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped), sitk.GetArrayFromImage(translated),
+                               atol=1e-3)
+
+
+def test_volume_mode_with_a_3d_model(volume):
+    reference = volume
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    model = tiny_model(3)
+    bias = np.array([0.5, 1.0, -1.5])  # working-grid voxels along (z, y, x)
+    perturb_head(model, bias=bias, weight_std=0.0)
+    result = register(reference, floating, model, mode="volume", device="cpu", finetune=False)
+
+    for image in (result.warped, result.displacement, result.reference_mask):
+        _same_grid(image, reference)
+    assert result.displacement.GetNumberOfComponentsPerPixel() == 3
+    assert result.displacement.GetPixelID() == sitk.sitkVectorFloat64
+    assert result.metrics["mode"] == "volume"
+    grid = imageio.working_grid(reference, model.working_size)
+    assert grid.GetSize() == (32, 32, 16)
+    expected_mm = index_to_physical(grid) @ bias[::-1]
+    field = _field_mm(result)
+    np.testing.assert_allclose(field, np.broadcast_to(expected_mm, field.shape), atol=1e-6)
+    _assert_itk_reproduces_warped(result, reference, floating)
+
+
+def test_volume_mode_non_constant_field_3d(volume):
+    reference = volume
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    model = perturb_head(tiny_model(3), bias=[0.5, 1.0, -1.5], weight_std=0.03)
+    result = register(reference, floating, model, mode="volume", device="cpu", max_iterations=2, tolerance=0)
+    assert np.ptp(_field_mm(result)[..., 0]) > 0.1  # not a translation
+    _assert_itk_reproduces_warped(result, reference, floating)
+
+
+def test_slicewise_mode_with_a_2d_model(volume):
+    reference = volume
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    model = perturb_head(tiny_model(2), bias=[1.0, -1.5], weight_std=0.05)
+    result = register(reference, floating, model, mode="slicewise", device="cpu", finetune=False)
+
+    for image in (result.warped, result.displacement, result.reference_mask):
+        _same_grid(image, reference)
+    assert result.displacement.GetNumberOfComponentsPerPixel() == 3
+    assert result.metrics["mode"] == "slicewise"
+    steps = _index_steps(result, reference)
+    # Nothing moves across slices: the k (third index) component is zero, the in-plane ones are not.
+    assert np.abs(steps[..., 2]).max() < 1e-9
+    assert np.abs(steps[..., :2]).max() > 0.5
+    # This volume's direction maps k to physical -y: the physical y component is then zero.
+    assert np.allclose(np.array(reference.GetDirection()).reshape(3, 3)[:, 2], (0, -1, 0))
+    assert np.abs(_field_mm(result)[..., 1]).max() < 1e-9
+    _assert_itk_reproduces_warped(result, reference, floating)
+
+
+def test_slicewise_mode_with_finetuning(volume):
+    reference = volume  # 15 slices: more than finetuning tunes on at once
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    model = perturb_head(tiny_model(2), bias=[1.0, -1.5], weight_std=0.05)
+    result = register(reference, floating, model, mode="slicewise", device="cpu", max_iterations=2, tolerance=0)
+    assert result.metrics["iterations"] == 2
+    assert np.abs(_index_steps(result, reference)[..., 2]).max() < 1e-9
+    _assert_itk_reproduces_warped(result, reference, floating)
+
+
+def test_slicewise_identity_direction_has_zero_z_component(volume):
+    reference = with_geometry(volume, (5.0, -3.0, 12.0), volume.GetSpacing(), np.eye(3).ravel())
+    model = tiny_model(2)
+    bias = np.array([1.0, -1.5])  # (y, x) in-plane voxels of the working grid
+    perturb_head(model, bias=bias, weight_std=0.0)
+    result = register(reference, reference, model, mode="slicewise", device="cpu", finetune=False)
+
+    field = _field_mm(result)
+    assert np.abs(field[..., 2]).max() == 0.0
+    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,))
+    assert grid.GetSize() == (32, 32, 15)
+    np.testing.assert_allclose(field[..., 0], bias[1] * grid.GetSpacing()[0], atol=1e-6)
+    np.testing.assert_allclose(field[..., 1], bias[0] * grid.GetSpacing()[1], atol=1e-6)
+
+
+def test_identity_pair_gives_a_near_zero_field(pair_2d, weights_2d):
+    reference, _ = pair_2d
+    result = register(reference, reference, weights=weights_2d, device="cpu", finetune=False)
+    assert np.abs(_field_mm(result)).max() < 1e-2
+    assert result.metrics["iterations"] == 0 and result.metrics["converged"] is None
+    assert result.metrics["folding_fraction"] == 0.0
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped), sitk.GetArrayFromImage(reference), atol=0.1)
+
+
+def test_register_does_not_modify_the_model(pair_2d):
+    reference, floating = pair_2d
+    model = perturb_head(tiny_model(2), bias=[0.5, 0.5], weight_std=0.02)
+    before = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in model.networks.items()}
+    register(reference, floating, model, device="cpu", max_iterations=2, tolerance=0)
+    for name, network in model.networks.items():
+        for key, value in network.state_dict().items():
+            assert torch.equal(value, before[name][key]), f"{name}.{key}"
+
+
+# ----------------------------------------------------------------------------------------------- masks, saving
+
+def test_masks_give_before_and_after_metrics(pair_2d, masks_2d, weights_2d):
+    reference, floating = pair_2d
+    reference_mask, floating_mask = masks_2d
+    result = register(reference, floating, weights=weights_2d, reference_mask=reference_mask,
+                      floating_mask=floating_mask, device="cpu", max_iterations=2)
+    for when in ("before", "after"):
+        assert set(result.metrics[when]) == {"dice", "hd95_mm", "mad_mm"}
+        assert 0.0 <= result.metrics[when]["dice"] <= 1.0
+        assert result.metrics[when]["hd95_mm"] >= 0 and result.metrics[when]["mad_mm"] >= 0
+    assert result.metrics["before"]["dice"] > 0.1  # the ventricles overlap before registration
+    _same_grid(result.warped_floating_mask, reference)
+    assert set(np.unique(sitk.GetArrayFromImage(result.warped_floating_mask)).tolist()) <= {0, 1}
+
+
+def test_identical_masks_and_images_give_perfect_overlap(pair_2d, masks_2d, weights_2d):
+    reference, _ = pair_2d
+    reference_mask, _ = masks_2d
+    result = register(reference, reference, weights=weights_2d, reference_mask=reference_mask,
+                      floating_mask=reference_mask * 7, device="cpu", finetune=False)  # any non-zero label
+    assert result.metrics["before"] == {"dice": 1.0, "hd95_mm": 0.0, "mad_mm": 0.0}
+    assert result.metrics["after"]["dice"] == 1.0
+
+
+def test_save_writes_every_output(tmp_path, pair_2d, masks_2d, weights_2d):
+    reference, floating = pair_2d
+    result = register(reference, floating, weights=weights_2d, device="cpu", max_iterations=2, tolerance=0)
+    output = tmp_path / "out"
+    written = result.save(output)
+
+    names = ["displacement.nrrd", "floating_mask.nrrd", "metrics.json", "qa.png", "reference_mask.nrrd", "warped.nrrd"]
+    assert sorted(p.name for p in output.iterdir()) == names
+    assert sorted(p.name for p in written) == names
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["iterations"] == 2
+    assert metrics["seconds"] > 0
+    assert 0.0 <= metrics["folding_fraction"] <= 1.0
+    displacement = sitk.ReadImage(str(output / "displacement.nrrd"))
+    _same_grid(displacement, reference)
+    assert displacement.GetPixelID() == sitk.sitkVectorFloat64
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(displacement), _field_mm(result))
+    warped = sitk.ReadImage(str(output / "warped.nrrd"))
+    _same_grid(warped, reference)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(result.warped))
+    assert (output / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_save_with_masks_and_without_figure(tmp_path, pair_2d, masks_2d, weights_2d):
+    reference, floating = pair_2d
+    result = register(reference, floating, weights=weights_2d, reference_mask=masks_2d[0],
+                      floating_mask=masks_2d[1], device="cpu", finetune=False)
+    output = tmp_path / "out"
+    result.save(output, qa_figure=False)
+    assert sorted(p.name for p in output.iterdir()) == ["displacement.nrrd", "floating_mask.nrrd", "metrics.json",
+                                                        "reference_mask.nrrd", "warped.nrrd",
+                                                        "warped_floating_mask.nrrd"]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["after"]) == {"dice", "hd95_mm", "mad_mm"}
+
+
+def test_register_from_files(tmp_path, pair_2d, weights_2d):
+    reference, floating = pair_2d
+    sitk.WriteImage(reference, str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(floating, str(tmp_path / "floating.mha"))
+    result = register(str(tmp_path / "reference.nrrd"), tmp_path / "floating.mha", weights=weights_2d,
+                      device="cpu", max_iterations=1)
+    _same_grid(result.warped, reference)
+
+
+def test_progress_reaches_one(pair_2d, weights_2d):
+    reference, floating = pair_2d
+    fractions = []
+    register(reference, floating, weights=weights_2d, device="cpu", max_iterations=3, tolerance=0,
+             progress=lambda fraction, message: fractions.append(fraction))
+    assert fractions == sorted(fractions)
+    assert 0 < fractions[0] and fractions[-1] == 1.0
+    assert len(fractions) >= 3 + 3
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+@pytest.fixture
+def empty_dir(tmp_path):
+    """A folder that must stay empty: register() never writes."""
+    folder = tmp_path / "untouched"
+    folder.mkdir()
+    yield folder
+    assert not any(folder.iterdir())
+
+
+def test_2d_reference_and_3d_floating(pair_2d, volume, weights_2d, empty_dir):
+    with pytest.raises(InputImageError, match="reference is 2D but the floating image is 3D"):
+        register(pair_2d[0], volume, weights=weights_2d, device="cpu")
+
+
+def test_missing_input_file(pair_2d, weights_2d, empty_dir):
+    missing = empty_dir.parent / "no_such_floating.nrrd"
+    with pytest.raises(InputImageError, match="floating image file .*no_such_floating.nrrd.* does not exist"):
+        register(pair_2d[0], missing, weights=weights_2d, device="cpu")
+
+
+def test_nan_image(pair_2d, weights_2d, empty_dir):
+    array = sitk.GetArrayFromImage(pair_2d[1])
+    array[10, 10] = np.nan
+    nan_image = sitk.GetImageFromArray(array)
+    with pytest.raises(InputImageError, match="floating image has 1 NaN"):
+        register(pair_2d[0], nan_image, weights=weights_2d, device="cpu")
+
+
+def test_constant_image(pair_2d, weights_2d, empty_dir):
+    constant = sitk.Image(pair_2d[0].GetSize(), sitk.sitkFloat32) + 4.0
+    with pytest.raises(InputImageError, match="reference is constant"):
+        register(constant, pair_2d[1], weights=weights_2d, device="cpu")
+
+
+def test_missing_weights_file(pair_2d, empty_dir):
+    with pytest.raises(WeightsError, match="missing_weights.pt.* does not exist"):
+        register(pair_2d[0], pair_2d[1], weights=empty_dir.parent / "missing_weights.pt", device="cpu")
+
+
+def test_cuda_without_gpu(pair_2d, weights_2d, empty_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available: device='cuda' is valid here")
+    with pytest.raises(DeviceError, match="CUDA was requested"):
+        register(pair_2d[0], pair_2d[1], weights=weights_2d, device="cuda")
+
+
+def test_unknown_device_and_mode(pair_2d, weights_2d, empty_dir):
+    with pytest.raises(DeviceError, match="Unknown device"):
+        register(pair_2d[0], pair_2d[1], weights=weights_2d, device="tpu")
+    with pytest.raises(InputImageError, match="Unknown mode"):
+        register(pair_2d[0], pair_2d[1], weights=weights_2d, device="cpu", mode="affine")
+
+
+def test_3d_weights_for_a_2d_image(pair_2d, weights_3d, empty_dir):
+    with pytest.raises(WeightsError, match="for 3D images but .* needs a 2D model"):
+        register(pair_2d[0], pair_2d[1], weights=weights_3d, device="cpu")
+
+
+def test_2d_weights_for_volume_mode(volume, weights_2d, empty_dir):
+    with pytest.raises(WeightsError, match="needs a 3D model .*slicewise"):
+        register(volume, volume, weights=weights_2d, mode="volume", device="cpu")
+
+
+def test_errors_are_sar_errors(pair_2d, weights_3d):
+    with pytest.raises(SARError):
+        register(pair_2d[0], pair_2d[1], weights=weights_3d, device="cpu")
+
+
+@pytest.mark.parametrize("calls_before_cancel", [0, 1, 2, 4])
+def test_cancel(pair_2d, weights_2d, empty_dir, calls_before_cancel):
+    asked = []
+
+    def cancel():
+        asked.append(True)
+        return len(asked) > calls_before_cancel
+
+    with pytest.raises(RegistrationCancelled, match="cancelled"):
+        register(pair_2d[0], pair_2d[1], weights=weights_2d, device="cpu", max_iterations=5, tolerance=0,
+                 cancel=cancel)
+    assert len(asked) == calls_before_cancel + 1
