@@ -130,17 +130,24 @@ def smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, coarse_shape:
     return ndimage.zoom(coarse, np.divide(shape, coarse_shape), order=3, mode="nearest")
 
 
-def augment_intensity(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random bias field, gamma and Gaussian noise on a ``[0, 1]`` image; returns it renormalised.
+def augment_intensity(array: np.ndarray, rng: np.random.Generator, remap_probability: float = 0.5) -> np.ndarray:
+    """Random bias field, gamma, contrast remapping and Gaussian noise on a ``[0, 1]`` image.
 
     The bias field is ``exp(a · smooth noise)`` on a 4-per-axis grid with ``a`` up to 0.3, the gamma
-    is log-uniform in ``[0.7, 1.4]`` and the noise standard deviation up to 0.03.
+    is log-uniform in ``[0.7, 1.4]`` and the noise standard deviation up to 0.03. With probability
+    ``remap_probability`` intensities also go through a random, generally non-monotonic, piecewise
+    linear curve: the two images of a pair then differ in contrast as T1 and PD do, which teaches
+    the network to register across modalities (the contrast-agnostic idea of SynthMorph).
+    Returns the image renormalised to ``[0, 1]``.
     """
     coarse_shape = tuple(min(4, n) for n in array.shape)
     bias = np.exp(rng.uniform(0, 0.3) * smooth_noise(array.shape, rng, coarse_shape))
     gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
-    noisy = np.clip(array * bias, 0, None) ** gamma + rng.normal(0, rng.uniform(0, 0.03), size=array.shape)
-    return normalize_intensity(noisy)
+    augmented = normalize_intensity(np.clip(array * bias, 0, None) ** gamma)
+    if rng.uniform() < remap_probability:
+        knots = np.linspace(0.0, 1.0, 6)
+        augmented = np.interp(augmented, knots, rng.uniform(0.0, 1.0, knots.size))
+    return normalize_intensity(augmented + rng.normal(0, rng.uniform(0, 0.03), size=array.shape))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,8 +116,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 7) -> torch.Tensor
     return (numerator / denominator).mean()
 
 
-def _minmax_normalise(features: torch.Tensor) -> torch.Tensor:
-    """Scale each sample's channel of a ``(B, C, *spatial)`` map to [0, 1]."""
+def minmax_normalise(features: torch.Tensor) -> torch.Tensor:
+    """Scale each map (each sample's channel) of a ``(B, C, *spatial)`` tensor to [0, 1]."""
     flat = features.flatten(2)
     low = flat.amin(dim=2, keepdim=True)
     high = flat.amax(dim=2, keepdim=True)
@@ -141,7 +141,7 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor,
         Mean over scales of the mean squared difference of normalised maps, in [0, 1].
     """
     maps_a, maps_b = extractor(a), extractor(b)
-    distances = [F.mse_loss(_minmax_normalise(fa), _minmax_normalise(fb)) for fa, fb in zip(maps_a, maps_b)]
+    distances = [F.mse_loss(minmax_normalise(fa), minmax_normalise(fb)) for fa, fb in zip(maps_a, maps_b)]
     return torch.stack(distances).mean()
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 from torch import nn
 
+from ..losses import minmax_normalise
 from ..spatial import integrate_velocity, warp
 from .blocks import ConvBlock, ResidualBlock, conv
 
@@ -101,7 +102,7 @@ class FeatureMapFusion(nn.Module):
         fused = 0.0
         for feature, logits, scale_weight in zip(features, self.channel_logits, scale_weights):
             channel_weights = torch.softmax(logits, dim=0).view(1, -1, *([1] * (feature.dim() - 2)))
-            level_map = (_normalise_maps(feature) * channel_weights).sum(dim=1, keepdim=True)
+            level_map = (minmax_normalise(feature) * channel_weights).sum(dim=1, keepdim=True)
             fused = fused + scale_weight * _resize(level_map, shape)
         return fused
 
@@ -196,14 +197,6 @@ def soft_otsu_mask(maps: torch.Tensor) -> torch.Tensor:
 def otsu_mask(maps: torch.Tensor) -> torch.Tensor:
     """The binary mask of the paper: each map above its Otsu threshold."""
     return (maps > otsu_thresholds(maps)).to(maps.dtype)
-
-
-def _normalise_maps(feature: torch.Tensor) -> torch.Tensor:
-    """Min–max normalise every map of every sample to [0, 1]."""
-    flat = feature.flatten(2)
-    low = flat.min(dim=2, keepdim=True).values
-    high = flat.max(dim=2, keepdim=True).values
-    return ((flat - low) / (high - low + 1e-6)).view_as(feature)
 
 
 def _resize(x: torch.Tensor, shape) -> torch.Tensor:
