@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--masks", nargs="+", type=Path, help="one structure mask per image, same order")
     evaluate.add_argument("--pairs-per-image", type=int, default=3)
     evaluate.add_argument("--max-displacement-mm", type=float, default=6.0)
+    evaluate.add_argument("--contrast-change", action="store_true",
+                          help="also remap the deformed copy's contrast randomly (a multimodal pair)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--output", type=Path, help="also write the per-pair results as JSON")
     _add_registration_options(evaluate)
@@ -159,7 +161,8 @@ def _run_evaluate(args) -> int:
     from .evaluation import evaluate_known_deformations, summarise
 
     rows = evaluate_known_deformations(args.images, args.masks, pairs_per_image=args.pairs_per_image,
-                                       max_displacement_mm=args.max_displacement_mm, seed=args.seed,
+                                       max_displacement_mm=args.max_displacement_mm,
+                                       contrast_change=args.contrast_change, seed=args.seed,
                                        **_registration_kwargs(args))
     print(summarise(rows))
     if args.output:

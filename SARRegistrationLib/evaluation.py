@@ -10,16 +10,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import imageio
-from .deformations import random_bspline_transform
+from .deformations import augment_intensity, random_bspline_transform
 from .devices import resolve_device
 from .model import load_model
 from .registration import register
 
 
 def evaluate_known_deformations(images, masks=None, *, pairs_per_image: int = 3, max_displacement_mm: float = 6.0,
-                                seed: int = 0, weights=None, mode: str = "volume", device="auto",
-                                **register_options) -> list[dict]:
+                                contrast_change: bool = False, seed: int = 0, weights=None, mode: str = "volume",
+                                device="auto", **register_options) -> list[dict]:
     """Register every image to ``pairs_per_image`` seeded random deformations of itself.
+
+    With ``contrast_change`` the deformed copy also gets a random intensity remapping, so the pair
+    differs in contrast as two MR sequences do.
 
     Returns one dict per pair: image name, Dice/HD95/MAD before and after, folding fraction,
     iterations, seconds, and ``field_error_mm`` (mean end-point error) before (zero field) and after.
@@ -40,6 +43,9 @@ def evaluate_known_deformations(images, masks=None, *, pairs_per_image: int = 3,
             rng = np.random.default_rng((seed, index, pair))
             transform = random_bspline_transform(floating, rng, max_displacement_mm)
             reference = sitk.Resample(floating, transform, sitk.sitkLinear, 0.0)
+            if contrast_change:
+                remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(reference)), rng, 1.0)
+                reference = imageio.image_like(remapped, reference)
             reference_mask = None if floating_mask is None else \
                 sitk.Resample(floating_mask, transform, sitk.sitkNearestNeighbor, 0)
             result = register(reference, floating, models[ndims], reference_mask=reference_mask,

@@ -12,6 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from .errors import RegistrationCancelled
 from .model import SARModel
 from .networks.generator import soft_otsu_mask
 from .objective import LossWeights, registration_terms, total_loss
+from .spatial import downsample, downsample_displacement
 
 ProgressCallback = Callable[[float, str], None]
 CancelCheck = Callable[[], bool]
@@ -44,6 +46,10 @@ class FinetuneSettings:
     # Slice-wise, the one last layer serves every slice, so it is tuned on at most this many
     # evenly spaced slices: the cost per iteration stays that of a few 2D images.
     max_slices: int = 8
+    # The loss is evaluated on a grid of at most this many voxels per image (images and field
+    # area-averaged onto it); the field itself keeps the working grid. In 3D this makes an
+    # iteration several times cheaper, at the cost of detail finer than the loss grid.
+    max_loss_voxels: int = 65536
     weights: LossWeights = field(default_factory=lambda: LossWeights().for_finetuning())
 
 
@@ -77,7 +83,8 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
     """Tune a copy of the generator's last layer on one pair until the loss stops changing.
 
     ``model`` must be in evaluation mode (as :func:`model.load_model` and :func:`register` leave
-    it), so that batch-norm statistics are used, not updated. Raises :class:`RegistrationCancelled` as soon as ``cancel()`` returns true.
+    it), so that batch-norm statistics are used, not updated. Raises :class:`RegistrationCancelled`
+    as soon as ``cancel()`` returns true.
     """
     settings = settings or FinetuneSettings()
     generator = model.generator
@@ -85,22 +92,28 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
     optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
     tuned_on = _evenly_spaced(reference.shape[0], settings.max_slices)
     encoding_subset = PairEncoding(*(getattr(encoding, name)[tuned_on] for name in PairEncoding.__dataclass_fields__))
-    reference, floating = reference[tuned_on], floating[tuned_on]
-    # The masks come before the last layer, so they stay fixed while it is tuned.
-    reference_mask = soft_otsu_mask(encoding_subset.reference_map)
-    floating_mask = soft_otsu_mask(encoding_subset.floating_map)
-    frozen = {"discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
+    loss_shape = _loss_grid(reference.shape[2:], settings.max_loss_voxels)
+    # Everything but the field is fixed while the last layer is tuned: prepare it once.
+    fixed = {
+        "reference": downsample(reference[tuned_on], loss_shape),
+        "floating": downsample(floating[tuned_on], loss_shape),
+        "reference_mask": downsample(soft_otsu_mask(encoding_subset.reference_map), loss_shape),
+        "floating_mask": downsample(soft_otsu_mask(encoding_subset.floating_map), loss_shape),
+        "discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
+    if settings.weights.features:
+        with torch.no_grad():
+            fixed["reference_feature_maps"] = model.feature_extractor(fixed["reference"])
 
     history, converged = [], False
     for iteration in range(settings.max_iterations):
         if cancel is not None and cancel():
             raise RegistrationCancelled("Registration cancelled during finetuning; nothing was written.")
         optimiser.zero_grad(set_to_none=True)
-        forward_field = generator.field(encoding_subset.forward, head)
-        backward_field = generator.field(encoding_subset.backward, head) if settings.weights.cycle else None
-        terms = registration_terms(settings.weights, reference, floating, forward_field,
-                                   backward_field=backward_field, reference_mask=reference_mask,
-                                   floating_mask=floating_mask, **frozen)
+        forward_field = downsample_displacement(generator.field(encoding_subset.forward, head), loss_shape)
+        backward_field = downsample_displacement(generator.field(encoding_subset.backward, head), loss_shape) \
+            if settings.weights.cycle else None
+        terms = registration_terms(settings.weights, forward_field=forward_field, backward_field=backward_field,
+                                   **fixed)
         loss = total_loss(settings.weights, terms)
         # Gradients flow through the frozen networks to the field but are kept for the head alone.
         loss.backward(inputs=list(head.parameters()))
@@ -114,6 +127,14 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
     with torch.no_grad():
         displacement = generator.field(encoding.forward, head)
     return FinetuneResult(displacement, head.requires_grad_(False), history, converged)
+
+
+def _loss_grid(shape, max_voxels: int) -> tuple:
+    """``shape`` divided by the smallest integer factor that brings its voxel count to ``max_voxels``."""
+    factor = 1
+    while np.prod([-(-n // factor) for n in shape]) > max_voxels:
+        factor += 1
+    return tuple(-(-n // factor) for n in shape)
 
 
 def _evenly_spaced(count: int, at_most: int) -> torch.Tensor:

@@ -125,7 +125,8 @@ def minmax_normalise(features: torch.Tensor) -> torch.Tensor:
 
 
 def feature_distance(a: torch.Tensor, b: torch.Tensor,
-                     extractor: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> torch.Tensor:
+                     extractor: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+                     b_maps: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Multi-scale feature-map distance (the ``VGG`` term of Eqn. 2).
 
     Every map is min-max normalised to [0, 1] per sample and channel ("all feature maps are
@@ -136,11 +137,12 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor,
         a, b: ``(B, 1, *spatial)`` images in [0, 1].
         extractor: maps an image batch to a list of ``(B, C_s, *spatial_s)`` feature maps, e.g. a
             frozen :class:`~SARRegistrationLib.networks.feature_extractor.FeatureExtractor`.
+        b_maps: ``extractor(b)`` when already known (a fixed reference), to save computing it.
 
     Returns:
         Mean over scales of the mean squared difference of normalised maps, in [0, 1].
     """
-    maps_a, maps_b = extractor(a), extractor(b)
+    maps_a, maps_b = extractor(a), (b_maps if b_maps is not None else extractor(b))
     distances = [F.mse_loss(minmax_normalise(fa), minmax_normalise(fb)) for fa, fb in zip(maps_a, maps_b)]
     return torch.stack(distances).mean()
 

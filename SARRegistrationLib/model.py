@@ -161,6 +161,10 @@ def model_from_state(state: dict) -> SARModel:
 
 def load_model(path=None, ndims: int = 2, device="cpu") -> SARModel:
     """Load a SAR model in evaluation mode; ``path=None`` takes the shipped ``ndims``-D weights."""
+    if path is None and not default_weights_path(ndims).is_file():
+        raise WeightsError(f"No {ndims}D weights are shipped at {default_weights_path(ndims)}."
+                           + (" Register volumes slice by slice with the 2D model (mode 'slicewise'), or give "
+                              "3D weights." if ndims == 3 else " Give a weights file."))
     path = Path(path) if path is not None else default_weights_path(ndims)
     state = read_checkpoint(path)
     try:

@@ -44,7 +44,8 @@ class LossWeights:
 
 def registration_terms(weights: LossWeights, reference, floating, forward_field, *, backward_field=None,
                        reference_mask=None, floating_mask=None, discriminator=None, feature_extractor=None,
-                       applied_field=None, true_reference_mask=None, true_floating_mask=None) -> dict:
+                       applied_field=None, true_reference_mask=None, true_floating_mask=None,
+                       reference_feature_maps=None) -> dict:
     """Each weighted-in term of the objective as a scalar tensor.
 
     Args:
@@ -53,6 +54,7 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
         backward_field: the field registering reference to floating (for the cycle term).
         reference_mask, floating_mask: the generator's soft masks, ``(B, 1, *spatial)``.
         applied_field: the known field of a training pair; true_*_mask: manual masks, when known.
+        reference_feature_maps: ``feature_extractor(reference)``, when already computed.
     """
     warped = warp(floating, forward_field)
     terms = {}
@@ -61,7 +63,7 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
     if weights.ssim:
         terms["ssim"] = 1.0 - losses.ssim(warped, reference)
     if weights.features and feature_extractor is not None:
-        terms["features"] = losses.feature_distance(warped, reference, feature_extractor)
+        terms["features"] = losses.feature_distance(warped, reference, feature_extractor, reference_feature_maps)
     if weights.adversarial and discriminator is not None:
         terms["adversarial"] = losses.generator_adversarial_loss(discriminator(warped))
     if weights.cycle and backward_field is not None:

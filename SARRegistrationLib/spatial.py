@@ -74,3 +74,20 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
         displacement = compose(displacement, displacement)
     return displacement
 
+
+
+def downsample(images: torch.Tensor, shape) -> torch.Tensor:
+    """Average ``(B, C, *spatial)`` images onto a coarser grid of the same extent (area pooling)."""
+    if tuple(images.shape[2:]) == tuple(shape):
+        return images
+    return F.interpolate(images, size=tuple(shape), mode="area")
+
+
+def downsample_displacement(displacement: torch.Tensor, shape) -> torch.Tensor:
+    """:func:`downsample` a voxel displacement, converting it to voxels of the coarser grid."""
+    old_shape = displacement.shape[2:]
+    if tuple(old_shape) == tuple(shape):
+        return displacement
+    scale = torch.tensor([new / old for new, old in zip(shape, old_shape)], dtype=displacement.dtype,
+                         device=displacement.device)
+    return downsample(displacement, shape) * scale.view(1, -1, *([1] * len(shape)))
