@@ -1,5 +1,6 @@
 """Tests of SARRegistrationLib.finetuning: per-pair tuning of a copy of the generator's last layer."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,3 +183,14 @@ def test_a_batch_of_slices_gets_one_field_per_slice(loaded_model, real_pair):
         expected = loaded_model.generator.field(encoding.forward, result.head)
     torch.testing.assert_close(result.displacement, expected)
     _assert_unchanged(loaded_model, before)
+
+
+@pytest.mark.parametrize("shape, expected", [((224, 184), (224, 184)), ((256, 256), (256, 256)),
+                                             ((512, 512), (256, 256)), ((64, 64, 64), (32, 32, 32)),
+                                             ((48, 48, 40), (24, 24, 20))])
+def test_loss_grid_caps_the_voxel_count(shape, expected):
+    from SARRegistrationLib.finetuning import _loss_grid
+
+    grid = _loss_grid(shape, 65536)
+    assert grid == expected
+    assert np.prod(grid) <= 65536

@@ -141,3 +141,24 @@ def test_warp_rejects_mismatched_shapes():
         spatial.warp(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match="expected a"):
         spatial.spatial_ndims(torch.zeros(1, 1, 2, 2, 2, 2))
+
+
+@pytest.mark.parametrize("shape, coarse", [((32, 24), (16, 12)), ((16, 16, 8), (8, 8, 4))])
+def test_downsampled_translation_keeps_its_physical_length(shape, coarse):
+    """A 2-voxel shift on the fine grid is a 1-voxel shift on a grid of half as many voxels."""
+    displacement = torch.full((1, len(shape), *shape), 2.0)
+    coarse_field = spatial.downsample_displacement(displacement, coarse)
+    assert coarse_field.shape == (1, len(shape), *coarse)
+    torch.testing.assert_close(coarse_field, torch.full_like(coarse_field, 1.0))
+
+
+def test_downsampled_warp_matches_warp_then_downsample():
+    """Warping on the loss grid approximates downsampling the full-resolution warp of a smooth image."""
+    y, x = torch.meshgrid(torch.linspace(0, 3, 64), torch.linspace(0, 3, 48), indexing="ij")
+    image = (torch.sin(y) * torch.cos(x))[None, None]
+    displacement = torch.zeros(1, 2, 64, 48)
+    displacement[:, 0] = 3.0 * torch.sin(x / 2)
+    fine = spatial.downsample(spatial.warp(image, displacement), (32, 24))
+    coarse = spatial.warp(spatial.downsample(image, (32, 24)), spatial.downsample_displacement(displacement, (32, 24)))
+    assert (fine - coarse).abs()[:, :, 2:-2, 2:-2].max() < 0.02
+    assert (fine - spatial.downsample(image, (32, 24))).abs().max() > 0.1  # the warp did something
