@@ -10,26 +10,34 @@ Stages, counted by one global step so that a checkpoint can resume anywhere:
 
 Batches are drawn in a seeded order from index-deterministic datasets, so a run is reproducible
 from its seed and a resumed run sees the batches an uninterrupted one would have seen.
+
+Under ``torchrun`` the same code trains with PyTorch DistributedDataParallel (gloo on CPU, NCCL on
+GPU): every rank takes its own share of each step's items, gradients are averaged by DDP, and rank
+0 alone writes checkpoints and weights. DDP synchronises through ``forward``, so each training pass
+is one small module whose ``forward`` does exactly what the step needs.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import losses
 from .errors import RegistrationCancelled
 from .finetuning import CancelCheck
 from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of
-from .networks.feature_extractor import reconstruction_step
 from .networks.generator import soft_otsu_mask
 from .objective import LossWeights, registration_terms, total_loss
 from .spatial import warp
@@ -78,69 +86,142 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     """Train a model on ``dataset`` (items as :class:`datasets.PairDataset`) and save it to ``output_path``.
 
     A checkpoint beside the output (``*.checkpoint.pt``) is written every ``checkpoint_every``
-    steps; ``resume=True`` continues from it. The final weights get a JSON model card.
+    steps; ``resume=True`` continues from it. The final weights get a JSON model card. Started by
+    ``torchrun`` with several processes, it trains data-parallel (see the module docstring).
     """
-    device = torch.device(device)
-    torch.manual_seed(settings.seed)
+    rank, world_size, device = _distributed_setup(torch.device(device))
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
     if settings.vgg16_weights:  # ImageNet VGG16 comes trained: no feature stage
         settings = replace(settings, feature_steps=0)
     model = SARModel.create(settings.ndims, settings.working_size or max(settings.shape), settings.generator_channels,
                             settings.discriminator_width, settings.feature_channels, settings.diffeomorphic,
                             settings.vgg16_weights)
-    optimisers = _optimisers(model, settings)
     history, start = [], 0
     checkpoint = checkpoint_path_for(output_path)
-    if resume and checkpoint.is_file():
-        state = read_checkpoint(checkpoint)
-        model = model_from_state(state)
-        optimisers = _optimisers(model, settings)
-        for name, optimiser in optimisers.items():
-            optimiser.load_state_dict(state["training"]["optimisers"][name])
-        history, start = list(state["training"]["history"]), int(state["training"]["step"])
-        torch.set_rng_state(state["training"]["torch_rng"])
+    resumed = read_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
+    if resumed is not None:
+        model = model_from_state(resumed)
+        history, start = list(resumed["training"]["history"]), int(resumed["training"]["step"])
+        torch.set_rng_state(resumed["training"]["torch_rng"])
     model.to(device)
+    optimisers = _optimisers(model, settings)
+    if resumed is not None:
+        for name, optimiser in optimisers.items():
+            optimiser.load_state_dict(resumed["training"]["optimisers"][name])
+    passes = _training_passes(model, world_size > 1)
 
-    bar = tqdm(total=settings.total_steps, initial=start, disable=not show_progress, file=sys.stderr,
+    bar = tqdm(total=settings.total_steps, initial=start, disable=not show_progress or rank > 0, file=sys.stderr,
                desc="training SAR", unit="step")
     step = start
     while step < settings.total_steps:
         if cancel is not None and cancel():
             raise RegistrationCancelled(f"Training cancelled at step {step}; the last checkpoint is {checkpoint}.")
         stage = settings.stage(step)
-        batch = {name: value.to(device) for name, value in _batch(dataset, step, settings).items()}
+        batch = {name: value.to(device) for name, value in _batch(dataset, step, settings, rank, world_size).items()}
         if stage == "feature":
-            losses_now = {"reconstruction": _feature_step(model, batch, optimisers["feature"])}
+            losses_now = {"reconstruction": _feature_step(passes["reconstruction"], batch, optimisers["feature"])}
         elif stage == "pretrain":
-            losses_now = _pretrain_step(model, batch, optimisers["pretrain"], settings)
+            losses_now = _pretrain_step(passes["generator"], batch, optimisers["pretrain"], settings)
         else:
-            losses_now = _gan_step(model, batch, optimisers["generator"], optimisers["discriminator"], settings)
+            losses_now = _gan_step(model, passes, batch, optimisers["generator"], optimisers["discriminator"], settings)
         step += 1
         history.append({"step": step, "stage": stage, **{k: round(v, 5) for k, v in losses_now.items()}})
         bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in list(losses_now.items())[:3]})
         bar.update(1)
-        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+        if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.total_steps):
             _save_checkpoint(model, optimisers, history, step, checkpoint)
     bar.close()
 
     model.metadata.update(_model_card(settings, history, data_description, command))
-    save_model(model.eval(), output_path)
-    write_model_card(output_path, model.metadata)
-    checkpoint.unlink(missing_ok=True)
-    return model
+    if world_size > 1:
+        model.metadata["distributed"] = {"world_size": world_size, "backend": dist.get_backend(),
+                                         "ranks_in_sync": _ranks_in_sync(model)}
+    if rank == 0:
+        save_model(model.eval(), output_path)
+        write_model_card(output_path, model.metadata)
+        checkpoint.unlink(missing_ok=True)
+    if world_size > 1:
+        dist.barrier()
+    return model.eval()
 
 
-def _feature_step(model: SARModel, batch, optimiser) -> float:
-    return reconstruction_step(model.feature_extractor, torch.cat([batch["reference"], batch["floating"]]), optimiser)
+class _GeneratorPass(nn.Module):
+    """One generator forward with all a training step needs: fields both ways and both soft masks."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, reference, floating, with_backward: bool = True):
+        generator = self.generator
+        reference_features, floating_features = generator.encode(reference, floating)
+        forward_field = generator.field(generator.penultimate(reference_features, floating_features))
+        backward_field = generator.field(generator.penultimate(floating_features, reference_features)) \
+            if with_backward else None
+        return (forward_field, backward_field, soft_otsu_mask(generator.fused_map(reference_features)),
+                soft_otsu_mask(generator.fused_map(floating_features)))
 
 
-def _pretrain_step(model: SARModel, batch, optimiser, settings: TrainingSettings) -> dict:
-    generator = model.generator.train()
-    output = generator(batch["reference"], batch["floating"])
-    terms = {"field_mse": F.mse_loss(output.displacement, batch["displacement"]),
-             "image_mse": F.mse_loss(output.warped, batch["reference"])}
+class _Reconstruction(nn.Module):
+    """The feature extractor's autoencoder pass, as a forward."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, images):
+        return self.extractor.reconstruct(images)
+
+
+def _training_passes(model: SARModel, distributed: bool) -> dict:
+    passes = {"generator": _GeneratorPass(model.generator), "discriminator": model.discriminator}
+    if any(parameter.requires_grad for parameter in model.feature_extractor.parameters()):
+        passes["reconstruction"] = _Reconstruction(model.feature_extractor)
+    if distributed:
+        passes = {name: DistributedDataParallel(module) for name, module in passes.items()}
+    return passes
+
+
+def _distributed_setup(device: torch.device):
+    """``(rank, world size, device)``; joins the process group when started by ``torchrun``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def _ranks_in_sync(model: SARModel) -> bool:
+    """Whether every rank ends with the same weights (DDP's promise, checked rather than assumed)."""
+    checksum = torch.stack([p.detach().double().sum() for network in model.networks.values()
+                            for p in network.parameters()]).cpu()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def _feature_step(reconstruction, batch, optimiser) -> float:
+    images = torch.cat([batch["reference"], batch["floating"]])
+    reconstruction.train()
+    loss = F.mse_loss(reconstruction(images), images)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
+
+
+def _pretrain_step(generator_pass, batch, optimiser, settings: TrainingSettings) -> dict:
+    generator_pass.train()
+    forward_field, _, reference_mask, floating_mask = generator_pass(batch["reference"], batch["floating"], False)
+    terms = {"field_mse": F.mse_loss(forward_field, batch["displacement"]),
+             "image_mse": F.mse_loss(warp(batch["floating"], forward_field), batch["reference"])}
     if settings.weights.segmentation:
-        terms["segmentation"] = (losses.log_dice_loss(output.reference_mask, batch["reference_mask"])
-                                 + losses.log_dice_loss(output.floating_mask, batch["floating_mask"]))
+        terms["segmentation"] = (losses.log_dice_loss(reference_mask, batch["reference_mask"])
+                                 + losses.log_dice_loss(floating_mask, batch["floating_mask"]))
     loss = sum(terms.values())
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
@@ -148,30 +229,30 @@ def _pretrain_step(model: SARModel, batch, optimiser, settings: TrainingSettings
     return {name: float(value.detach()) for name, value in terms.items()}
 
 
-def _gan_step(model: SARModel, batch, generator_optimiser, discriminator_optimiser, settings: TrainingSettings) -> dict:
-    generator, discriminator = model.generator.train(), model.discriminator.train()
+def _gan_step(model: SARModel, passes: dict, batch, generator_optimiser, discriminator_optimiser,
+              settings: TrainingSettings) -> dict:
+    passes["generator"].train()
+    model.discriminator.train()
     model.feature_extractor.eval().requires_grad_(False)
     reference, floating = batch["reference"], batch["floating"]
-    reference_features, floating_features = generator.encode(reference, floating)
-    forward_field = generator.field(generator.penultimate(reference_features, floating_features))
-    backward_field = generator.field(generator.penultimate(floating_features, reference_features))
+    forward_field, backward_field, reference_mask, floating_mask = passes["generator"](reference, floating)
 
-    # Discriminator: real references against registered images (Eqn. 3).
-    discriminator.requires_grad_(True)
+    # Discriminator: real references against registered images (Eqn. 3), as one forward for DDP.
+    model.discriminator.requires_grad_(True)
     with torch.no_grad():
         warped = warp(floating, forward_field)
-    discriminator_loss = losses.discriminator_loss(discriminator(reference), discriminator(warped))
+    verdicts = passes["discriminator"](torch.cat([reference, warped]))
+    discriminator_loss = losses.discriminator_loss(*verdicts.chunk(2))
     discriminator_optimiser.zero_grad(set_to_none=True)
     discriminator_loss.backward()
     discriminator_optimiser.step()
 
-    # Generator: the full SAR objective, the discriminator fixed.
-    discriminator.requires_grad_(False)
+    # Generator: the full SAR objective, the discriminator fixed (called unwrapped: nothing to sync).
+    model.discriminator.requires_grad_(False)
     terms = registration_terms(
         settings.weights, reference, floating, forward_field, backward_field=backward_field,
-        reference_mask=soft_otsu_mask(generator.fused_map(reference_features)),
-        floating_mask=soft_otsu_mask(generator.fused_map(floating_features)),
-        discriminator=discriminator, feature_extractor=model.feature_extractor,
+        reference_mask=reference_mask, floating_mask=floating_mask,
+        discriminator=model.discriminator, feature_extractor=model.feature_extractor,
         applied_field=batch["displacement"], true_reference_mask=batch["reference_mask"],
         true_floating_mask=batch["floating_mask"])
     loss = total_loss(settings.weights, terms)
@@ -193,11 +274,15 @@ def _optimisers(model: SARModel, settings: TrainingSettings) -> dict:
     return optimisers
 
 
-def _batch(dataset, step: int, settings: TrainingSettings) -> dict:
-    """The batch of ``step``: consecutive items of a per-epoch seeded permutation of the dataset."""
+def _batch(dataset, step: int, settings: TrainingSettings, rank: int = 0, world_size: int = 1) -> dict:
+    """This rank's batch of ``step``: consecutive items of a per-epoch seeded permutation of the dataset.
+
+    Each step consumes ``world_size * batch_size`` items; rank ``r`` takes the ``r``-th share.
+    """
     size = len(dataset)
     items = []
-    for position in range(step * settings.batch_size, (step + 1) * settings.batch_size):
+    first = (step * world_size + rank) * settings.batch_size
+    for position in range(first, first + settings.batch_size):
         epoch, offset = divmod(position, size)
         order = np.random.default_rng((settings.seed, epoch)).permutation(size)
         items.append(dataset[int(order[offset])])

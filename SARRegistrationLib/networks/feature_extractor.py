@@ -14,7 +14,7 @@ finest scale first.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,51 +84,6 @@ class FeatureExtractor(nn.Module):
             y = F.interpolate(y, size=target.shape[2:], mode=_LINEAR_MODE[self.ndims], align_corners=False)
             y = block(y)
         return torch.sigmoid(self.output(y))
-
-
-def reconstruction_step(extractor: FeatureExtractor, batch: torch.Tensor, optimiser: torch.optim.Optimizer) -> float:
-    """One Adam step of autoencoder training on a ``(B, 1, *spatial)`` batch in [0, 1]; returns the MSE."""
-    extractor.train()
-    loss = F.mse_loss(extractor.reconstruct(batch), batch)
-    optimiser.zero_grad()
-    loss.backward()
-    optimiser.step()
-    return loss.item()
-
-
-def train_feature_extractor(extractor: FeatureExtractor, batches_iterable: Iterable[torch.Tensor], steps: int,
-                            lr: float = 1e-3,
-                            progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``extractor`` as an autoencoder: Adam on the MSE of :meth:`FeatureExtractor.reconstruct`.
-
-    Args:
-        extractor: the network to train, in place.
-        batches_iterable: yields ``(B, 1, *spatial)`` images in [0, 1]; iterated again from the
-            start when exhausted, so a list or a data loader shorter than ``steps`` works.
-        steps: number of optimiser steps.
-        lr: Adam learning rate.
-        progress: called as ``progress(step, loss)`` after every step.
-
-    Returns:
-        The reconstruction loss of every step. The caller freezes the extractor afterwards
-        (``requires_grad_(False)``, ``eval()``).
-    """
-    device = next(extractor.parameters()).device
-    optimiser = torch.optim.Adam(extractor.parameters(), lr=lr)
-    batches = iter(batches_iterable)
-    history = []
-    for step in range(steps):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(batches_iterable)
-            batch = next(batches, None)
-            if batch is None:
-                raise ValueError("batches_iterable yielded no batch") from None
-        history.append(reconstruction_step(extractor, batch.to(device), optimiser))
-        if progress is not None:
-            progress(step, history[-1])
-    return history
 
 
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
