@@ -45,7 +45,7 @@ class LossWeights:
 def registration_terms(weights: LossWeights, reference, floating, forward_field, *, backward_field=None,
                        reference_mask=None, floating_mask=None, discriminator=None, feature_extractor=None,
                        applied_field=None, true_reference_mask=None, true_floating_mask=None,
-                       reference_feature_maps=None) -> dict:
+                       reference_feature_maps=None, content_target=None) -> dict:
     """Each weighted-in term of the objective as a scalar tensor.
 
     Args:
@@ -54,16 +54,20 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
         backward_field: the field registering reference to floating (for the cycle term).
         reference_mask, floating_mask: the generator's soft masks, ``(B, 1, *spatial)``.
         applied_field: the known field of a training pair; true_*_mask: manual masks, when known.
-        reference_feature_maps: ``feature_extractor(reference)``, when already computed.
+        reference_feature_maps: ``feature_extractor(content_target)``, when already computed.
+        content_target: what SSIM and the feature distance compare the registered image with. Both
+            assume one contrast, so training passes the floating image pulled through the applied
+            field (the answer, in the floating image's contrast); by default the reference.
     """
     warped = warp(floating, forward_field)
+    target = reference if content_target is None else content_target
     terms = {}
-    if weights.nmi:
+    if weights.nmi:  # NMI needs no shared contrast: it always compares with the reference
         terms["nmi"] = 2.0 - losses.normalized_mutual_information(warped, reference)
     if weights.ssim:
-        terms["ssim"] = 1.0 - losses.ssim(warped, reference)
+        terms["ssim"] = 1.0 - losses.ssim(warped, target)
     if weights.features and feature_extractor is not None:
-        terms["features"] = losses.feature_distance(warped, reference, feature_extractor, reference_feature_maps)
+        terms["features"] = losses.feature_distance(warped, target, feature_extractor, reference_feature_maps)
     if weights.adversarial and discriminator is not None:
         terms["adversarial"] = losses.generator_adversarial_loss(discriminator(warped))
     if weights.cycle and backward_field is not None:

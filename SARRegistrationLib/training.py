@@ -217,8 +217,9 @@ def _feature_step(reconstruction, batch, optimiser) -> float:
 def _pretrain_step(generator_pass, batch, optimiser, settings: TrainingSettings) -> dict:
     generator_pass.train()
     forward_field, _, reference_mask, floating_mask = generator_pass(batch["reference"], batch["floating"], False)
-    terms = {"field_mse": F.mse_loss(forward_field, batch["displacement"]),
-             "image_mse": F.mse_loss(warp(batch["floating"], forward_field), batch["reference"])}
+    # Supervised by the applied field alone: the two images may differ in contrast, so an image
+    # MSE against the reference would pull the other way.
+    terms = {"field_mse": F.mse_loss(forward_field, batch["displacement"])}
     if settings.weights.segmentation:
         terms["segmentation"] = (losses.log_dice_loss(reference_mask, batch["reference_mask"])
                                  + losses.log_dice_loss(floating_mask, batch["floating_mask"]))
@@ -254,7 +255,7 @@ def _gan_step(model: SARModel, passes: dict, batch, generator_optimiser, discrim
         reference_mask=reference_mask, floating_mask=floating_mask,
         discriminator=model.discriminator, feature_extractor=model.feature_extractor,
         applied_field=batch["displacement"], true_reference_mask=batch["reference_mask"],
-        true_floating_mask=batch["floating_mask"])
+        true_floating_mask=batch["floating_mask"], content_target=warp(floating, batch["displacement"]))
     loss = total_loss(settings.weights, terms)
     generator_optimiser.zero_grad(set_to_none=True)
     loss.backward()
