@@ -79,12 +79,13 @@ def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor
 
 def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torch.Tensor, floating: torch.Tensor,
                         settings: FinetuneSettings | None = None, progress: ProgressCallback | None = None,
-                        cancel: CancelCheck | None = None) -> FinetuneResult:
+                        cancel: CancelCheck | None = None, ignore_mask: torch.Tensor | None = None) -> FinetuneResult:
     """Tune a copy of the generator's last layer on one pair until the loss stops changing.
 
     ``model`` must be in evaluation mode (as :func:`model.load_model` and :func:`register` leave
     it), so that batch-norm statistics are used, not updated. Raises :class:`RegistrationCancelled`
-    as soon as ``cancel()`` returns true.
+    as soon as ``cancel()`` returns true. ``ignore_mask`` (shaped like ``reference``, 1 = ignore)
+    marks regions the images are not compared in (see :func:`objective.registration_terms`).
     """
     settings = settings or FinetuneSettings()
     generator = model.generator
@@ -100,6 +101,8 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
         "reference_mask": downsample(soft_otsu_mask(encoding_subset.reference_map), loss_shape),
         "floating_mask": downsample(soft_otsu_mask(encoding_subset.floating_map), loss_shape),
         "discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
+    if ignore_mask is not None:
+        fixed["ignore_mask"] = downsample(ignore_mask[tuned_on], loss_shape)
     if settings.weights.features:
         with torch.no_grad():
             fixed["reference_feature_maps"] = model.feature_extractor(fixed["reference"])

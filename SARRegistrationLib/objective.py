@@ -45,7 +45,7 @@ class LossWeights:
 def registration_terms(weights: LossWeights, reference, floating, forward_field, *, backward_field=None,
                        reference_mask=None, floating_mask=None, discriminator=None, feature_extractor=None,
                        applied_field=None, true_reference_mask=None, true_floating_mask=None,
-                       reference_feature_maps=None, content_target=None) -> dict:
+                       reference_feature_maps=None, content_target=None, ignore_mask=None) -> dict:
     """Each weighted-in term of the objective as a scalar tensor.
 
     Args:
@@ -58,9 +58,15 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
         content_target: what SSIM and the feature distance compare the registered image with. Both
             assume one contrast, so training passes the floating image pulled through the applied
             field (the answer, in the floating image's contrast); by default the reference.
+        ignore_mask: ``(B, 1, *spatial)`` in [0, 1], 1 where the images should not be compared
+            (implants, electrodes). There the registered image and mask are replaced by the
+            reference's, so every term agrees and no gradient comes from the region: the field
+            there follows the smoothness term alone.
     """
     warped = warp(floating, forward_field)
     target = reference if content_target is None else content_target
+    if ignore_mask is not None:
+        warped = torch.lerp(warped, target, ignore_mask)
     terms = {}
     if weights.nmi:  # NMI needs no shared contrast: it always compares with the reference
         terms["nmi"] = 2.0 - losses.normalized_mutual_information(warped, reference)
@@ -73,7 +79,10 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
     if weights.cycle and backward_field is not None:
         terms["cycle"] = losses.cycle_consistency(forward_field, backward_field)
     if weights.segmentation and reference_mask is not None and floating_mask is not None:
-        segmentation = losses.log_dice_loss(warp(floating_mask, forward_field), reference_mask)
+        warped_mask = warp(floating_mask, forward_field)
+        if ignore_mask is not None:
+            warped_mask = torch.lerp(warped_mask, reference_mask, ignore_mask)
+        segmentation = losses.log_dice_loss(warped_mask, reference_mask)
         for generated, manual in ((reference_mask, true_reference_mask), (floating_mask, true_floating_mask)):
             if manual is not None:
                 segmentation = segmentation + losses.log_dice_loss(generated, manual)

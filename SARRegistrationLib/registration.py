@@ -68,7 +68,7 @@ class RegistrationResult:
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
-             mode: str = "volume", device="auto", affine: bool = False, finetune: bool = True, max_iterations: int = 100,
+             ignore_mask=None, mode: str = "volume", device="auto", affine: bool = False, finetune: bool = True, max_iterations: int = 100,
              tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
@@ -79,6 +79,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             weights) of the dimension the mode needs.
         reference_mask, floating_mask: optional structure masks (images or paths) for Dice, HD95
             and MAD; they do not steer the registration.
+        ignore_mask: optional mask (image or path, any grid: it is resampled physically) of
+            regions the images are not compared in during finetuning, such as bright implants or
+            electrodes; the field there follows the smoothness term alone.
         mode: ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         affine: first align the floating image affinely (Mattes mutual information, as the paper
@@ -99,6 +102,10 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     imageio.check_pair(reference, floating)
     reference_mask = _as_image(reference_mask, "reference mask", mask=True)
     floating_mask = _as_image(floating_mask, "floating mask", mask=True)
+    ignore_mask = _as_image(ignore_mask, "ignore mask", mask=True)
+    if ignore_mask is not None and ignore_mask.GetDimension() != reference.GetDimension():
+        raise InputImageError(f"The ignore mask is {ignore_mask.GetDimension()}D but the reference is "
+                              f"{reference.GetDimension()}D.")
     if mode not in MODES:
         raise InputImageError(f"Unknown mode {mode!r}: choose 'volume' or 'slicewise'.")
     slicewise = mode == "slicewise" and reference.GetDimension() == 3
@@ -131,8 +138,11 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
         if smoothness is not None:
             settings.weights.smoothness = smoothness
+        ignore_input = None if ignore_mask is None else \
+            _network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
         tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
-                                    progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)
+                                    progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel,
+                                    ignore_mask=ignore_input)
         displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
     else:
         with torch.no_grad():
@@ -154,7 +164,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
 
     field_voxels = transform_to_displacement(transform, reference)
     summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
-               "affine_prealignment": affine, "finetuned": finetune, "iterations": iterations, "converged": converged,
+               "affine_prealignment": affine, "finetuned": finetune, "ignore_mask": ignore_mask is not None, "iterations": iterations, "converged": converged,
                "folding_fraction": metrics.folding_fraction(field_voxels),
                "max_displacement_mm": float(np.linalg.norm(imageio.array_of(field_mm), axis=-1).max()),
                "weights": model.metadata.get("weights_path", "in memory")}
@@ -190,9 +200,16 @@ def _as_image(source, role: str, mask: bool = False):
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
 
 
-def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None) -> torch.Tensor:
-    """``(B, 1, *spatial)`` in [0, 1] on the working grid; the slices are the batch in slice-wise mode."""
-    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid, transform=transform)))
+def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None,
+                   normalise: bool = True) -> torch.Tensor:
+    """``(B, 1, *spatial)`` in [0, 1] on the working grid; the slices are the batch in slice-wise mode.
+
+    Images are intensity-normalised; a 0/1 mask (``normalise=False``) becomes the fraction of each
+    working voxel it covers, by linear resampling.
+    """
+    array = imageio.array_of(imageio.resample_to(image, grid, transform=transform)).astype(np.float32)
+    if normalise:
+        array = imageio.normalize_intensity(array)
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)
