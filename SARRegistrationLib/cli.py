@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--output-dir", type=Path, required=True)
     register.add_argument("--reference-mask", type=Path, help="structure mask of the reference, for Dice/HD95/MAD")
     register.add_argument("--floating-mask", type=Path, help="structure mask of the floating image")
+    register.add_argument("--ignore-mask", type=Path,
+                          help="mask of regions not to compare (implants, electrodes); the field there stays smooth")
     _add_registration_options(register)
     register.add_argument("--no-qa", action="store_true", help="do not write the QA figure qa.png")
     register.set_defaults(run=_run_register)
@@ -119,8 +121,9 @@ def _run_register(args) -> int:
     if args.sample:
         inputs = dict(SAMPLE)
     elif args.reference and args.floating:
-        inputs = {"reference": args.reference, "floating": args.floating,
-                  "reference_mask": args.reference_mask, "floating_mask": args.floating_mask}
+        inputs = {"reference": args.reference, "floating": args.floating, "reference_mask": args.reference_mask,
+                  "floating_mask": args.floating_mask}
+    inputs["ignore_mask"] = args.ignore_mask
     else:
         raise SARError("Give --reference and --floating, or --sample for the bundled sample pair.")
     with _ProgressBar("registering") as bar:
