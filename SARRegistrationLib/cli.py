@@ -123,9 +123,9 @@ def _run_register(args) -> int:
     elif args.reference and args.floating:
         inputs = {"reference": args.reference, "floating": args.floating, "reference_mask": args.reference_mask,
                   "floating_mask": args.floating_mask}
-    inputs["ignore_mask"] = args.ignore_mask
     else:
         raise SARError("Give --reference and --floating, or --sample for the bundled sample pair.")
+    inputs["ignore_mask"] = args.ignore_mask
     with _ProgressBar("registering") as bar:
         result = register(**inputs, **_registration_kwargs(args), progress=bar.update)
     written = result.save(args.output_dir, qa_figure=not args.no_qa)
