@@ -1,0 +1,1 @@
+"""Benchmarks of SARRegistration against classical and learned baselines (see benchmarks/README.md)."""

@@ -1,0 +1,457 @@
+"""The registration methods of the brain benchmark, each behind one small interface.
+
+Every method turns a :class:`Pair` (reference and floating image, SimpleITK, same physical space)
+into a :class:`MethodOutput`: its displacement field **on the reference grid, in millimetres, ITK
+convention** (reference point ``p`` maps to ``p + d(p)`` in the floating image: what SAR's
+``displacement.nrrd``, Elastix's and ANTs' fields all are) and the wall-clock seconds of its
+registration call. The benchmark then warps every method's floating mask with SimpleITK through
+that field and measures it with the same code, so all methods are measured identically.
+
+What each method times (``time.perf_counter``, same process):
+
+- SAR: the whole :func:`SARRegistrationLib.register` call (working-grid resampling, network,
+  finetuning, field back on the reference grid). The model is loaded beforehand, untimed.
+- VoxelMorph: the same scope as SAR: resampling to the same working grid, the network's forward
+  pass, the field back on the reference grid. The network is loaded beforehand, untimed.
+- Elastix: the ``itk.elastix_registration_method`` call.
+- ANTs: the ``ants.registration`` call.
+
+The optional packages (``itk-elastix``, ``antspyx``, ``voxelmorph``) are imported only when their
+method is prepared; a missing one raises :class:`NotRun`, which the benchmark reports as a row
+"not run: <package> not installed". Missing weights do the same ("not run: weights missing").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from SARRegistrationLib import imageio
+from SARRegistrationLib.fields import displacement_to_sitk
+
+REPO = Path(__file__).resolve().parents[1]
+VOXELMORPH_FORMAT = "sar-benchmark-voxelmorph"
+
+
+class NotRun(Exception):
+    """The method cannot run here (package or weights missing); the message says why."""
+
+
+def require(module: str, package: str):
+    """Import ``module`` or raise :class:`NotRun` naming the pip ``package`` that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NotRun(f"{package} not installed") from None
+
+
+def display_path(path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class Pair:
+    """One registration problem with a known answer: the floating image is a known deformation."""
+
+    dataset: str  # "2D" or "3D"
+    index: int
+    reference: sitk.Image
+    floating: sitk.Image
+    reference_mask: sitk.Image  # uint8 0/1, on the reference grid
+    floating_mask: sitk.Image  # uint8 0/1, on the floating grid
+
+
+@dataclass
+class MethodOutput:
+    displacement: sitk.Image  # vector float64, mm, physical (LPS) components, on the reference grid
+    seconds: float | None  # wall clock of the registration call; None for "before"
+    extras: dict = field(default_factory=dict)
+
+
+def identity_field(reference: sitk.Image) -> sitk.Image:
+    field_image = sitk.Image(reference.GetSize(), sitk.sitkVectorFloat64, reference.GetDimension())
+    field_image.CopyInformation(reference)
+    return field_image
+
+
+def field_on_reference(field_image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A displacement field (any grid covering the reference) as float64 vectors on the reference grid."""
+    field_image = sitk.Cast(field_image, sitk.sitkVectorFloat64)
+    same_grid = (field_image.GetSize() == reference.GetSize()
+                 and np.allclose(field_image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+                 and np.allclose(field_image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+                 and np.allclose(field_image.GetDirection(), reference.GetDirection(), atol=1e-6))
+    if same_grid:
+        field_image.CopyInformation(reference)
+        return field_image
+    return sitk.Resample(field_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+
+
+def network_input(image: sitk.Image, grid: sitk.Image):
+    """``(1, 1, *spatial)`` float tensor in [0, 1] on ``grid``: what SAR's network is given too."""
+    import torch
+
+    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
+    return torch.from_numpy(np.ascontiguousarray(array))[None, None]
+
+
+class Method:
+    """A benchmark row: ``prepare()`` once (may raise :class:`NotRun`), then ``run(pair)`` per pair."""
+
+    key = "method"
+    label = "method"
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self, pair: Pair) -> MethodOutput:
+        raise NotImplementedError
+
+    def warm_up(self, pair: Pair) -> None:
+        """An untimed run on a small pair so that one-time costs (lazy imports, first kernels) are
+        not charged to the first timed pair."""
+        self.run(pair)
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Before(Method):
+    """No registration: the identity field."""
+
+    key, label = "before", "before (no registration)"
+
+    def run(self, pair: Pair) -> MethodOutput:
+        return MethodOutput(identity_field(pair.reference), None)
+
+    def warm_up(self, pair: Pair) -> None:
+        pass
+
+
+class SARMethod(Method):
+    """SAR through :func:`SARRegistrationLib.register`, with or without last-layer finetuning."""
+
+    def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True, mode: str = "volume",
+                 max_iterations: int = 100, device: str = "auto"):
+        self.key, self.label = key, label
+        self.weights = Path(weights)
+        self.ndims, self.finetune, self.mode = ndims, finetune, mode
+        self.max_iterations, self.device = max_iterations, device
+        self.model = None
+
+    def prepare(self) -> None:
+        from SARRegistrationLib.devices import resolve_device
+        from SARRegistrationLib.model import load_model
+
+        if not self.weights.is_file():
+            raise NotRun(f"weights missing ({display_path(self.weights)})")
+        self.device = resolve_device(self.device)
+        self.model = load_model(self.weights, self.ndims, self.device)
+
+    def run(self, pair: Pair) -> MethodOutput:
+        from SARRegistrationLib.registration import register
+
+        started = time.perf_counter()
+        result = register(pair.reference, pair.floating, self.model, mode=self.mode, device=self.device,
+                          finetune=self.finetune, max_iterations=self.max_iterations)
+        seconds = time.perf_counter() - started
+        return MethodOutput(result.displacement, seconds,
+                            {"iterations": result.metrics["iterations"], "converged": result.metrics["converged"]})
+
+    def warm_up(self, pair: Pair) -> None:
+        saved, self.max_iterations = self.max_iterations, 2
+        try:
+            self.run(pair)
+        finally:
+            self.max_iterations = saved
+
+    def settings(self) -> dict:
+        return {"weights": display_path(self.weights), "finetune": self.finetune, "mode": self.mode,
+                "max_iterations": self.max_iterations if self.finetune else 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastix (itk-elastix)
+
+
+def _to_itk(itk, image: sitk.Image):
+    """A SimpleITK image as a float32 ITK image with the same geometry."""
+    ndims = image.GetDimension()
+    converted = itk.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(image).astype(np.float32)))
+    converted.SetOrigin(image.GetOrigin())
+    converted.SetSpacing(image.GetSpacing())
+    converted.SetDirection(itk.matrix_from_array(np.array(image.GetDirection(), dtype=np.float64).reshape(ndims, ndims)))
+    return converted
+
+
+def _from_itk(itk, image, vector: bool = False) -> sitk.Image:
+    array = itk.array_from_image(image)
+    converted = sitk.GetImageFromArray(array.astype(np.float64) if vector else array, isVector=vector)
+    ndims = image.GetImageDimension()
+    converted.SetOrigin(tuple(float(v) for v in image.GetOrigin()))
+    converted.SetSpacing(tuple(float(v) for v in image.GetSpacing()))
+    converted.SetDirection(tuple(itk.array_from_matrix(image.GetDirection()).reshape(ndims * ndims).tolist()))
+    return converted
+
+
+class ElastixBSpline(Method):
+    """Elastix's default multi-resolution B-spline registration with Advanced Mattes mutual information.
+
+    The parameter map is ``GetDefaultParameterMap("bspline", resolutions, grid_spacing_mm)``:
+    AdvancedMattesMutualInformation plus a bending-energy penalty, adaptive stochastic gradient
+    descent, a smoothing pyramid, random coordinate sampling. The floating mask is also warped
+    natively by transformix with ``FinalBSplineInterpolationOrder 0`` (nearest neighbour); its Dice
+    with the SimpleITK-warped mask is kept as a check of the field conversion.
+    """
+
+    key, label = "elastix", "Elastix B-spline (MI)"
+
+    def __init__(self, *, grid_spacing_mm: float = 10.0, resolutions: int = 4, iterations: int = 256,
+                 threads: int | None = None, seed: int = 0):
+        self.grid_spacing_mm, self.resolutions, self.iterations = grid_spacing_mm, resolutions, iterations
+        self.threads, self.seed = threads, seed
+        self.itk = None
+
+    def prepare(self) -> None:
+        self.itk = require("itk", "itk-elastix")
+        if not hasattr(self.itk, "elastix_registration_method"):
+            raise NotRun("itk-elastix not installed (itk is, without elastix)")
+
+    def _parameters(self):
+        parameters = self.itk.ParameterObject.New()
+        parameter_map = parameters.GetDefaultParameterMap("bspline", self.resolutions, float(self.grid_spacing_mm))
+        parameter_map["MaximumNumberOfIterations"] = [str(self.iterations)]
+        parameter_map["RandomSeed"] = [str(self.seed)]
+        parameters.AddParameterMap(parameter_map)
+        return parameters
+
+    def run(self, pair: Pair) -> MethodOutput:
+        itk = self.itk
+        fixed, moving = _to_itk(itk, pair.reference), _to_itk(itk, pair.floating)
+        parameters = self._parameters()
+        options = {"parameter_object": parameters, "log_to_console": False}
+        if self.threads:
+            options["number_of_threads"] = int(self.threads)
+        # transformix writes deformationField.nii into its output directory (the working
+        # directory by default): keep it in a temporary folder.
+        with tempfile.TemporaryDirectory(prefix="sar-bench-elastix-") as folder:
+            started = time.perf_counter()
+            _, transform_parameters = itk.elastix_registration_method(fixed, moving, **options)
+            seconds = time.perf_counter() - started
+            deformation = itk.transformix_deformation_field(moving, transform_parameters, output_directory=folder)
+            field_mm = field_on_reference(_from_itk(itk, deformation, vector=True), pair.reference)
+            # transformix's own nearest-neighbour warp of the mask, to cross-check the field
+            transform_parameters.SetParameter("FinalBSplineInterpolationOrder", "0")
+            native = _from_itk(itk, itk.transformix_filter(_to_itk(itk, pair.floating_mask), transform_parameters,
+                                                           output_directory=folder))
+        return MethodOutput(field_mm, seconds, {"native_mask": sitk.Cast(native > 0.5, sitk.sitkUInt8)})
+
+    def warm_up(self, pair: Pair) -> None:
+        saved, self.iterations = self.iterations, 2
+        try:
+            self.run(pair)
+        finally:
+            self.iterations = saved
+
+    def settings(self) -> dict:
+        return {"parameter_map": "default 'bspline' (AdvancedMattesMutualInformation + TransformBendingEnergyPenalty)",
+                "final_grid_spacing_mm": self.grid_spacing_mm, "resolutions": self.resolutions,
+                "iterations_per_resolution": self.iterations, "random_seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# ANTs (antspyx)
+
+
+class AntsSyN(Method):
+    """``ants.registration(type_of_transform="SyN")``: affine then SyN, both with Mattes mutual information.
+
+    Images go to ANTs through NRRD files in a temporary folder (geometry preserved exactly; not
+    timed). The forward transforms are composed into one displacement field by
+    ``ants.apply_transforms(compose=...)``; the floating mask is also warped natively with
+    ``interpolator="nearestNeighbor"`` to cross-check that field.
+    """
+
+    key, label = "ants", "ANTs SyN (MI)"
+
+    def __init__(self, *, reg_iterations=(40, 20, 0), seed: int = 0):
+        self.reg_iterations = tuple(int(n) for n in reg_iterations)
+        self.seed = seed
+        self.ants = None
+
+    def prepare(self) -> None:
+        self.ants = require("ants", "antspyx")
+
+    def run(self, pair: Pair) -> MethodOutput:
+        ants = self.ants
+        config = getattr(ants, "config", None)
+        if config is not None and hasattr(config, "_random_seed"):
+            config._random_seed = self.seed  # antspyx passes it to antsRegistration as --random-seed
+        with tempfile.TemporaryDirectory(prefix="sar-bench-ants-") as folder:
+            folder = Path(folder)
+            paths = {}
+            for name, image in (("fixed", sitk.Cast(pair.reference, sitk.sitkFloat32)),
+                                ("moving", sitk.Cast(pair.floating, sitk.sitkFloat32)),
+                                ("moving_mask", sitk.Cast(pair.floating_mask, sitk.sitkFloat32))):
+                paths[name] = folder / f"{name}.nrrd"
+                sitk.WriteImage(image, str(paths[name]))
+            fixed, moving = ants.image_read(str(paths["fixed"])), ants.image_read(str(paths["moving"]))
+            started = time.perf_counter()
+            registration = ants.registration(fixed, moving, type_of_transform="SyN", aff_metric="mattes",
+                                             syn_metric="mattes", reg_iterations=self.reg_iterations,
+                                             outprefix=str(folder / "ants_"), verbose=False)
+            seconds = time.perf_counter() - started
+            composed = ants.apply_transforms(fixed, moving, transformlist=registration["fwdtransforms"],
+                                             compose=str(folder / "composed_"))
+            field_mm = field_on_reference(sitk.ReadImage(str(composed), sitk.sitkVectorFloat64), pair.reference)
+            native = ants.apply_transforms(fixed, ants.image_read(str(paths["moving_mask"])),
+                                           transformlist=registration["fwdtransforms"], interpolator="nearestNeighbor")
+            ants.image_write(native, str(folder / "native_mask.nrrd"))
+            native_mask = sitk.Cast(sitk.ReadImage(str(folder / "native_mask.nrrd")) > 0.5, sitk.sitkUInt8)
+        return MethodOutput(field_mm, seconds, {"native_mask": native_mask})
+
+    def warm_up(self, pair: Pair) -> None:
+        saved, self.reg_iterations = self.reg_iterations, (2, 0, 0)
+        try:
+            self.run(pair)
+        finally:
+            self.reg_iterations = saved
+
+    def settings(self) -> dict:
+        return {"type_of_transform": "SyN", "aff_metric": "mattes", "syn_metric": "mattes",
+                "reg_iterations": list(self.reg_iterations), "random_seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# VoxelMorph (voxelmorph 0.3.x, PyTorch)
+
+
+def build_voxelmorph(config: dict):
+    """A ``voxelmorph.nn.models.VxmPairwise`` (U-Net + scaling-and-squaring) from a config dict."""
+    vxm = require("voxelmorph", "voxelmorph")
+    return vxm.nn.models.VxmPairwise(ndim=int(config["ndims"]), source_channels=1, target_channels=1,
+                                     nb_features=list(config["nb_features"]),
+                                     integration_steps=int(config["integration_steps"]))
+
+
+def pad_multiple(config: dict) -> int:
+    """neurite's BasicUNet pools once per entry of ``nb_features``: inputs must be multiples of this."""
+    return 2 ** len(config["nb_features"])
+
+
+def voxelmorph_forward(model, floating, reference, multiple: int):
+    """``(displacement, velocity, warped floating)`` for ``(B, 1, *spatial)`` tensors of any size.
+
+    The inputs are padded (edge values repeated) to a multiple of ``multiple`` and the outputs
+    cropped back. Displacements are in voxels, channel ``i`` along array axis ``i``, pulling back
+    (``warped(x) = floating(x + u(x))``): the convention of ``SARRegistrationLib.spatial``.
+    """
+    import torch.nn.functional as F
+
+    shape = floating.shape[2:]
+    pads = []
+    for n in reversed(shape):
+        pads += [0, (-n) % multiple]
+    if any(pads):
+        floating_in, reference_in = F.pad(floating, pads, mode="replicate"), F.pad(reference, pads, mode="replicate")
+    else:
+        floating_in, reference_in = floating, reference
+    displacement, warped = model(floating_in, reference_in, return_warped_source=True)
+    velocity = getattr(model, "velocity", None) if model.integration_steps > 0 else displacement
+    crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in shape)
+    return displacement[crop], (velocity if velocity is not None else displacement)[crop], warped[crop]
+
+
+def save_voxelmorph(path, model, config: dict, card: dict) -> Path:
+    """Write the weights (plain tensors and a config, readable with ``weights_only=True``) and a JSON card."""
+    import hashlib
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": VOXELMORPH_FORMAT, "config": config,
+             "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}}
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(descriptor)
+    try:
+        torch.save(state, temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    card = {**card, "weights_file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def load_voxelmorph(path, device="cpu"):
+    """``(model, config)`` from a file written by :func:`save_voxelmorph`; the model in eval mode."""
+    import torch
+
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != VOXELMORPH_FORMAT:
+        raise ValueError(f"{display_path(path)} is not a VoxelMorph weights file of this benchmark")
+    model = build_voxelmorph(state["config"])
+    model.load_state_dict(state["state_dict"])
+    model.requires_grad_(False)
+    return model.to(device).eval(), dict(state["config"])
+
+
+class VoxelMorphMethod(Method):
+    """VoxelMorph trained by ``benchmarks/train_voxelmorph.py`` on SAR's training data and budget.
+
+    It registers on the grid SAR uses (``imageio.working_grid(reference, working_size)``, the same
+    intensity normalisation); its voxel field is turned into millimetres on that grid with
+    ``fields.displacement_to_sitk`` and resampled onto the reference grid, as ``register`` does.
+    """
+
+    key, label = "voxelmorph", "VoxelMorph"
+
+    def __init__(self, weights, ndims: int, device: str = "auto"):
+        self.weights = Path(weights)
+        self.ndims, self.device = ndims, device
+        self.model, self.config = None, None
+
+    def prepare(self) -> None:
+        from SARRegistrationLib.devices import resolve_device
+
+        require("voxelmorph", "voxelmorph")
+        if not self.weights.is_file():
+            raise NotRun(f"weights missing ({display_path(self.weights)})")
+        self.device = resolve_device(self.device)
+        self.model, self.config = load_voxelmorph(self.weights, self.device)
+        if int(self.config["ndims"]) != self.ndims:
+            raise NotRun(f"{display_path(self.weights)} holds {self.config['ndims']}D weights, not {self.ndims}D")
+        self.label = f"VoxelMorph ({self.config.get('similarity', '?').upper()})"
+
+    def run(self, pair: Pair) -> MethodOutput:
+        import torch
+
+        started = time.perf_counter()
+        grid = imageio.working_grid(pair.reference, int(self.config["working_size"]))
+        reference = network_input(pair.reference, grid).to(self.device)
+        floating = network_input(pair.floating, grid).to(self.device)
+        with torch.no_grad():
+            displacement, _, _ = voxelmorph_forward(self.model, floating, reference, pad_multiple(self.config))
+        voxels = displacement[0].detach().cpu().numpy().astype(np.float64)
+        field_mm = sitk.Resample(displacement_to_sitk(voxels, grid), pair.reference, sitk.Transform(),
+                                 sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+        seconds = time.perf_counter() - started
+        return MethodOutput(field_mm, seconds)
+
+    def settings(self) -> dict:
+        return {"weights": display_path(self.weights), **({"config": self.config} if self.config else {})}
