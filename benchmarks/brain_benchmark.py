@@ -50,7 +50,7 @@ from benchmarks.baselines import NotRun, Pair  # noqa: E402
 
 DATA_DIR = REPO / "Testing" / "Data"
 WEIGHTS_DIR = REPO / "Resources" / "Weights"
-VOXELMORPH_DIR = REPO / "benchmarks" / "weights"
+BENCHMARK_WEIGHTS_DIR = REPO / "benchmarks" / "weights"
 METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"), ("mad_mm", "MAD (mm)"), ("folded_percent", "folded (%)"),
            ("seconds", "seconds"))
 QUICK = {"pairs": 1, "dims": [2], "sar_max_iterations": 10, "elastix_iterations": 32, "elastix_resolutions": 2,
@@ -470,10 +470,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "voxelmorph"), help="only these rows (default: all)")
     parser.add_argument("--weights-2d", type=Path, default=WEIGHTS_DIR / "sar_2d.pt")
     parser.add_argument("--weights-3d", type=Path, default=WEIGHTS_DIR / "sar_3d.pt")
-    parser.add_argument("--noseg-weights-2d", type=Path, default=WEIGHTS_DIR / "sar_noseg_2d.pt")
-    parser.add_argument("--noseg-weights-3d", type=Path, default=WEIGHTS_DIR / "sar_noseg_3d.pt")
-    parser.add_argument("--voxelmorph-weights-2d", type=Path, default=VOXELMORPH_DIR / "voxelmorph_2d.pt")
-    parser.add_argument("--voxelmorph-weights-3d", type=Path, default=VOXELMORPH_DIR / "voxelmorph_3d.pt")
+    parser.add_argument("--noseg-weights-2d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "sar_noseg_2d.pt")
+    parser.add_argument("--noseg-weights-3d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "sar_noseg_3d.pt")
+    parser.add_argument("--voxelmorph-weights-2d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "voxelmorph_2d.pt")
+    parser.add_argument("--voxelmorph-weights-3d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "voxelmorph_3d.pt")
     parser.add_argument("--sar-max-iterations", type=int, help=f"SAR finetuning iterations at most "
                         f"(default {FULL['sar_max_iterations']}, --quick {QUICK['sar_max_iterations']})")
     parser.add_argument("--elastix-grid-spacing", type=float, default=10.0, help="final B-spline grid spacing, mm")
