@@ -44,7 +44,8 @@ class RegistrationResult:
     floating_mask: sitk.Image  # generated mask of the floating image, on the floating grid
     metrics: dict
     warped_floating_mask: sitk.Image | None = None  # the user's floating mask, warped
-    qa_arrays: dict = field(default_factory=dict, repr=False)
+    # What the QA figure is drawn from: the inputs, the voxel field and the mask arrays.
+    qa_inputs: dict = field(default_factory=dict, repr=False)
 
     def transform(self) -> sitk.DisplacementFieldTransform:
         """The field as a SimpleITK transform (reference point -> floating point)."""
@@ -63,8 +64,16 @@ class RegistrationResult:
                 sitk.WriteImage(image, str(staging / name), True)
             (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
             if qa_figure:
-                save_qa_figure(staging / "qa.png", **self.qa_arrays)
+                save_qa_figure(staging / "qa.png", **self._qa_arrays())
         return sorted(Path(output_dir) / name for name in [*images, "metrics.json", *(["qa.png"] if qa_figure else [])])
+
+    def _qa_arrays(self) -> dict:
+        """Arrays of the QA figure on the reference grid; built only when a figure is drawn."""
+        reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
+        arrays = {"reference": imageio.array_of(reference),
+                  "floating": imageio.array_of(imageio.resample_to(floating, reference)),
+                  "warped": imageio.array_of(self.warped), "displacement": self.qa_inputs["displacement"]}
+        return {**arrays, **self.qa_inputs.get("masks", {})}
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
@@ -164,23 +173,23 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
 
     field_voxels = transform_to_displacement(transform, reference)
     summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
-               "affine_prealignment": affine, "finetuned": finetune, "ignore_mask": ignore_mask is not None, "iterations": iterations, "converged": converged,
+               "affine_prealignment": affine, "finetuned": finetune, "ignore_mask": ignore_mask is not None,
+               "iterations": iterations, "converged": converged,
                "folding_fraction": metrics.folding_fraction(field_voxels),
                "max_displacement_mm": float(np.linalg.norm(imageio.array_of(field_mm), axis=-1).max()),
                "weights": model.metadata.get("weights_path", "in memory")}
-    qa_arrays = {"reference": imageio.array_of(reference),
-                 "floating": imageio.array_of(imageio.resample_to(floating, reference)),
-                 "warped": imageio.array_of(warped), "displacement": field_voxels}
+    qa_inputs = {"reference": reference, "floating": floating, "displacement": field_voxels}
     warped_floating_mask = None
     if reference_mask is not None and floating_mask is not None:
         warped_floating_mask = imageio.resample_to(floating_mask, reference, label=True, transform=transform)
-        masks = {"reference_mask": imageio.resample_to(reference_mask, reference, label=True),
-                 "floating_mask": imageio.resample_to(floating_mask, reference, label=True),
-                 "warped_mask": warped_floating_mask}
-        qa_arrays.update({name: imageio.array_of(image) for name, image in masks.items()})
+        masks = {name: imageio.array_of(image) for name, image in (
+            ("reference_mask", imageio.resample_to(reference_mask, reference, label=True)),
+            ("floating_mask", imageio.resample_to(floating_mask, reference, label=True)),
+            ("warped_mask", warped_floating_mask))}
+        qa_inputs["masks"] = masks
         spacing = reference.GetSpacing()[::-1]
         for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
-            summary[key] = metrics.overlap_metrics(qa_arrays["reference_mask"], qa_arrays[moving], spacing)
+            summary[key] = metrics.overlap_metrics(masks["reference_mask"], masks[moving], spacing)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     report(1.0, "done")
     return RegistrationResult(
@@ -188,7 +197,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         reference_mask=imageio.resample_to(generated_reference, reference, label=True),
         floating_mask=imageio.resample_to(generated_floating, floating, label=True,
                                           transform=prealignment.GetInverse()),
-        metrics=summary, warped_floating_mask=warped_floating_mask, qa_arrays=qa_arrays)
+        metrics=summary, warped_floating_mask=warped_floating_mask, qa_inputs=qa_inputs)
 
 
 def _as_image(source, role: str, mask: bool = False):
