@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="voxels along the largest axis of the grid registration uses (default: max of --shape)")
     train.add_argument("--epoch-length", type=int, default=1000, help="pairs drawn per epoch from the real images")
     train.add_argument("--max-displacement-mm", type=float, default=8.0)
+    train.add_argument("--contrast-remap", type=float, default=0.2,
+                       help="probability that each training image's contrast is remapped by a random curve")
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--feature-steps", type=int, default=200)
     train.add_argument("--pretrain-steps", type=int, default=500)
@@ -145,7 +147,8 @@ def _run_train(args) -> int:
         raise SARError(f"--shape needs {args.ndims} numbers for --ndims {args.ndims}.")
     sources, description = datasets.training_sources(args.images, args.masks, use_training_fold=args.split)
     dataset = datasets.training_dataset(sources, tuple(args.shape), args.epoch_length, args.synthetic,
-                                        seed=args.seed, max_displacement_mm=args.max_displacement_mm)
+                                        seed=args.seed, max_displacement_mm=args.max_displacement_mm,
+                                        contrast_remap=args.contrast_remap)
     weights = LossWeights().without_segmentation() if args.no_segmentation else LossWeights()
     settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,

@@ -164,7 +164,7 @@ def foreground_mask(image: sitk.Image) -> sitk.Image:
 
 def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.random.Generator,
                        max_displacement_mm: float = 10.0, affine: bool = True, intensity: bool = True,
-                       mesh_size: int = 4) -> dict[str, np.ndarray]:
+                       mesh_size: int = 4, contrast_remap: float = 0.2) -> dict[str, np.ndarray]:
     """A reference/floating pair whose displacement is known exactly.
 
     ``I`` is ``image`` normalised to ``[0, 1]`` and, with ``affine``, moved by a random affine; the
@@ -179,6 +179,9 @@ def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.rando
             :func:`foreground_mask` of the image instead.
         max_displacement_mm: bound on each physical component of the B-spline displacement.
         mesh_size: B-spline intervals per axis; larger gives more local deformations.
+        contrast_remap: probability that each image's contrast is remapped by a random curve
+            (see :func:`augment_intensity`); it teaches registration across contrasts, at the
+            price of a harder task for a small network.
     Returns:
         float32 arrays in array axis order: ``reference``, ``floating`` (``spatial``, in ``[0, 1]``),
         ``reference_mask``, ``floating_mask`` (``spatial``, 0/1) and ``displacement``
@@ -202,8 +205,8 @@ def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.rando
         "displacement": transform_to_displacement(bspline, scaled),
     }
     if intensity:
-        pair["reference"] = augment_intensity(pair["reference"], rng)
-        pair["floating"] = augment_intensity(pair["floating"], rng)
+        pair["reference"] = augment_intensity(pair["reference"], rng, contrast_remap)
+        pair["floating"] = augment_intensity(pair["floating"], rng, contrast_remap)
     return {name: array.astype(np.float32) for name, array in pair.items()}
 
 

@@ -217,9 +217,12 @@ def _feature_step(reconstruction, batch, optimiser) -> float:
 def _pretrain_step(generator_pass, batch, optimiser, settings: TrainingSettings) -> dict:
     generator_pass.train()
     forward_field, _, reference_mask, floating_mask = generator_pass(batch["reference"], batch["floating"], False)
-    # Supervised by the applied field alone: the two images may differ in contrast, so an image
-    # MSE against the reference would pull the other way.
-    terms = {"field_mse": F.mse_loss(forward_field, batch["displacement"])}
+    # The image term compares with the floating image pulled through the applied field (the answer
+    # in the floating image's own contrast): the reference may differ in contrast and would pull
+    # the other way.
+    floating = batch["floating"]
+    terms = {"field_mse": F.mse_loss(forward_field, batch["displacement"]),
+             "image_mse": F.mse_loss(warp(floating, forward_field), warp(floating, batch["displacement"]))}
     if settings.weights.segmentation:
         terms["segmentation"] = (losses.log_dice_loss(reference_mask, batch["reference_mask"])
                                  + losses.log_dice_loss(floating_mask, batch["floating_mask"]))
