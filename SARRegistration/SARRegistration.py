@@ -150,7 +150,8 @@ class SARRegistrationParameterNode:
     floatingVolume: vtkMRMLScalarVolumeNode
     referenceStructure: StructureNode
     floatingStructure: StructureNode
-    mode: RegistrationMode = RegistrationMode.VOLUME
+    # Slice by slice until 3D weights are shipped: the full-volume mode needs a 3D weights file.
+    mode: RegistrationMode = RegistrationMode.SLICEWISE
     device: ComputeDevice = ComputeDevice.AUTO
     affine: bool = False
     finetune: bool = True
