@@ -53,27 +53,6 @@ def load_training_sources(paths, mask_dir: str | Path | None = None) -> list[Sou
     return sources
 
 
-class ImageFolder:
-    """Images of a folder matching ``pattern`` (sorted by name), with same-named masks from ``mask_dir``.
-
-    ``folder[i]`` reads ``(image, mask or None)``; ``paths`` and ``mask_paths`` list the files.
-    """
-
-    def __init__(self, image_dir: str | Path, mask_dir: str | Path | None = None, pattern: str = "*.png"):
-        self.paths = sorted(Path(image_dir).glob(pattern))
-        self.mask_paths = [mask_path_for(path, mask_dir) for path in self.paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Source:
-        mask_path = self.mask_paths[index]
-        return read_image(self.paths[index]), None if mask_path is None else read_mask(mask_path)
-
-    def patient_ids(self) -> list[str]:
-        return [patient_id(path) for path in self.paths]
-
-
 def split_by_patient(paths, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, list]:
     """Split files into train / validation / test with every patient in exactly one fold (paper §3).
 

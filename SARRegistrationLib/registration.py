@@ -203,8 +203,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
 def _as_image(source, role: str, mask: bool = False):
     if source is None:
         return None
-    image = source if isinstance(source, sitk.Image) else imageio.read_image(source, role, allow_constant=mask)
-    image = imageio.check_image(image, role, allow_constant=mask)
+    # read_image checks what it reads; an image handed in is checked here.
+    image = imageio.check_image(source, role, allow_constant=mask) if isinstance(source, sitk.Image) \
+        else imageio.read_image(source, role, allow_constant=mask)
     # A mask may be empty or hold several labels: any non-zero voxel is the structure.
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
 

@@ -38,24 +38,25 @@ def test_patient_id():
     assert datasets.patient_id("case7.nrrd") == "case7"
 
 
-def test_image_folder_pairs_masks_by_name(xray_folder):
+def test_folder_images_are_paired_with_masks_by_name(xray_folder):
+    """What ``train --images DIR --masks DIR`` reads: every image file of the folder, masks by name."""
     image_dir, mask_dir = xray_folder
-    folder = datasets.ImageFolder(image_dir, mask_dir)
-    assert [path.name for path in folder.paths] == NAMES
-    assert len(folder) == len(NAMES)
-    assert folder.patient_ids() == ["00000001"] * 3 + ["00000002"] + ["00000003"] * 2
-    for k, name in enumerate(NAMES):
-        image, mask = folder[k]
+    paths = datasets.expand_image_paths([image_dir])
+    assert [path.name for path in paths] == NAMES
+    assert [datasets.patient_id(path) for path in paths] == ["00000001"] * 3 + ["00000002"] + ["00000003"] * 2
+    sources = datasets.load_training_sources(paths, mask_dir)
+    assert len(sources) == len(NAMES)
+    for k, (name, (image, mask)) in enumerate(zip(NAMES, sources)):
         assert image.GetNumberOfComponentsPerPixel() == 1
         assert image.GetSize() == (24, 20)
         if k % 2 == 0:
-            assert folder.mask_paths[k] == mask_dir / name
+            assert datasets.mask_path_for(paths[k], mask_dir) == mask_dir / name
             expected = np.zeros((20, 24), np.uint8)
             expected[5:10 + k, 4:12] = 1
             np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
         else:
-            assert folder.mask_paths[k] is None and mask is None
-    assert all(mask is None for _, mask in datasets.ImageFolder(image_dir))
+            assert datasets.mask_path_for(paths[k], mask_dir) is None and mask is None
+    assert all(mask is None for _, mask in datasets.load_training_sources(paths))
 
 
 def test_equal_colour_channels_read_as_one(xray_folder):
@@ -65,13 +66,6 @@ def test_equal_colour_channels_read_as_one(xray_folder):
     grey = datasets.read_image(image_dir / NAMES[0])
     assert grey.GetNumberOfComponentsPerPixel() == 1
     np.testing.assert_array_equal(sitk.GetArrayFromImage(grey), sitk.GetArrayFromImage(colour)[..., 0])
-
-
-def test_load_training_sources_matches_folder(xray_folder):
-    image_dir, mask_dir = xray_folder
-    folder = datasets.ImageFolder(image_dir, mask_dir)
-    sources = datasets.load_training_sources(folder.paths, mask_dir)
-    assert [mask is None for _, mask in sources] == [path is None for path in folder.mask_paths]
 
 
 def _many_patients(num_patients=60):
