@@ -8,11 +8,13 @@ The operations of the command line, one import away::
     model = sar.load_model(ndims=2)          # reuse one loaded model for a batch of pairs
 """
 
-from .errors import DeviceError, InputImageError, RegistrationCancelled, SARError, WeightsError
+from .errors import (DeviceError, InputImageError, OutputError, RegistrationCancelled, SARError, SettingsError,
+                     WeightsError)
 from .finetuning import FinetuneSettings
 from .model import SARModel, load_model
 from .objective import LossWeights
 from .registration import RegistrationResult, register
 
 __all__ = ["register", "RegistrationResult", "load_model", "SARModel", "FinetuneSettings", "LossWeights",
-           "SARError", "InputImageError", "WeightsError", "DeviceError", "RegistrationCancelled"]
+           "SARError", "InputImageError", "WeightsError", "DeviceError", "OutputError",
+           "SettingsError", "RegistrationCancelled"]

@@ -9,12 +9,20 @@ class InputImageError(SARError, ValueError):
     """An input image cannot be registered (wrong dimension, empty, constant, NaN, unreadable)."""
 
 
+class SettingsError(SARError, ValueError):
+    """An option is out of range: an unknown mode, a negative tolerance, no iterations."""
+
+
 class WeightsError(SARError):
     """A weights file is missing, corrupt, not a SAR checkpoint, or fails its hash check."""
 
 
 class DeviceError(SARError):
     """The requested compute device is not available."""
+
+
+class OutputError(SARError):
+    """The outputs cannot be written (the folder is a file, not writable, or the disk is full)."""
 
 
 class RegistrationCancelled(SARError):

@@ -29,8 +29,17 @@ def transform_to_displacement(transform: sitk.Transform, reference: sitk.Image) 
     to_field = sitk.TransformToDisplacementFieldFilter()
     to_field.SetReferenceImage(reference)
     to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
-    millimetres = sitk.GetArrayFromImage(to_field.Execute(transform))  # (*spatial, ndims), physical x, y, z
-    index_steps = millimetres @ np.linalg.inv(index_to_physical(reference)).T  # index x, y, z
+    return displacement_in_voxels(to_field.Execute(transform))
+
+
+def displacement_in_voxels(field_mm: sitk.Image, rows: slice = slice(None)) -> np.ndarray:
+    """An ITK displacement field image in voxels of its own grid, as ``(ndims, *spatial)`` float64.
+
+    ``rows`` selects a range along array axis 0 (``z`` in 3D): converting a large field a slab at a
+    time keeps memory to the slab, since the image's buffer is only viewed, never copied whole.
+    """
+    millimetres = sitk.GetArrayViewFromImage(field_mm)[rows]  # (*spatial, ndims), physical x, y, z
+    index_steps = millimetres @ np.linalg.inv(index_to_physical(field_mm)).T  # index x, y, z
     return np.moveaxis(index_steps[..., ::-1], -1, 0)
 
 

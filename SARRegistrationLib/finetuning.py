@@ -65,16 +65,30 @@ class FinetuneResult:
         return len(self.losses)
 
 
+# Slice-wise, the slices are one batch. They go through the frozen network this many at a time:
+# the activations of 300 CT slices at once took over 5 GB, and a cancel is seen between chunks.
+ENCODE_CHUNK = 16
+
+
 @torch.no_grad()
-def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor) -> PairEncoding:
+def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor, cancel: CancelCheck | None = None,
+                progress: Callable[[float], None] | None = None, chunk: int = ENCODE_CHUNK) -> PairEncoding:
+    """Run the frozen part of the generator on a pair, ``chunk`` batch items (slices) at a time;
+    ``progress(fraction)`` follows the chunks."""
     generator = model.generator
     generator._check_input(reference, floating)
-    reference_features, floating_features = generator.encode(reference, floating)
-    return PairEncoding(
-        forward=generator.penultimate(reference_features, floating_features),
-        backward=generator.penultimate(floating_features, reference_features),
-        reference_map=generator.fused_map(reference_features),
-        floating_map=generator.fused_map(floating_features))
+    parts = []
+    for start in range(0, reference.shape[0], chunk):
+        if cancel is not None and cancel():
+            raise RegistrationCancelled("Registration cancelled; nothing was written.")
+        reference_features, floating_features = generator.encode(reference[start:start + chunk],
+                                                                 floating[start:start + chunk])
+        parts.append((generator.penultimate(reference_features, floating_features),
+                      generator.penultimate(floating_features, reference_features),
+                      generator.fused_map(reference_features), generator.fused_map(floating_features)))
+        if progress is not None:
+            progress(min(start + chunk, reference.shape[0]) / reference.shape[0])
+    return PairEncoding(*(torch.cat(tensors) for tensors in zip(*parts)))
 
 
 def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torch.Tensor, floating: torch.Tensor,

@@ -8,18 +8,22 @@ array: whatever leaves this module as an array comes back through a SimpleITK im
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError
+from .errors import InputImageError, OutputError
 
 SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png")
 # The network halves the grid three times, so its working shape must be a multiple of 8.
 GRID_MULTIPLE = 8
+# Fewer voxels than this along a registered axis leave nothing to deform.
+MIN_VOXELS_PER_AXIS = 4
 
 
 def read_image(path, role: str = "image", allow_constant: bool = False) -> sitk.Image:
@@ -77,6 +81,42 @@ def check_pair(reference: sitk.Image, floating: sitk.Image) -> None:
     if reference.GetDimension() != floating.GetDimension():
         raise InputImageError(f"The reference is {reference.GetDimension()}D but the floating image is "
                               f"{floating.GetDimension()}D; both must be 2D or both 3D.")
+
+
+def check_size(image: sitk.Image, role: str, slicewise: bool = False) -> None:
+    """At least :data:`MIN_VOXELS_PER_AXIS` voxels along each registered axis (slice-wise, the
+    slice axis ``k`` may hold a single slice)."""
+    size = image.GetSize()
+    axes = "xy" if slicewise else "xyz"[:len(size)]
+    if min(size[:len(axes)]) < MIN_VOXELS_PER_AXIS:
+        hint = " Register a single-slice volume slice-wise (mode 'slicewise')." \
+            if len(size) == 3 and size[2] < MIN_VOXELS_PER_AXIS and min(size[:2]) >= MIN_VOXELS_PER_AXIS else ""
+        raise InputImageError(f"The {role} is too small to register: {' x '.join(map(str, size))} voxels; SAR needs "
+                              f"at least {MIN_VOXELS_PER_AXIS} along each of {', '.join(axes)}.{hint}")
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest physical coordinates (mm, LPS) of ``image``'s voxel centres."""
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in image.GetSize()], indexing="ij")).reshape(image.GetDimension(), -1).T
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(corner.tolist()) for corner in corners.astype(float)])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def check_overlap(grid: sitk.Image, reference: sitk.Image, floating: sitk.Image, transform=None) -> float:
+    """The fraction of ``grid`` (over the reference) whose points, mapped by ``transform``, fall in
+    ``floating``; raise :class:`InputImageError` when it is nothing at all."""
+    inside = sitk.Image(floating.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(floating)
+    covered = sitk.Resample(inside, grid, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    fraction = float(np.mean(sitk.GetArrayViewFromImage(covered)))
+    if fraction == 0.0:
+        def extent(image):
+            low, high = physical_bounds(image)
+            return " to ".join("(" + ", ".join(f"{v:.1f}" for v in corner) + ")" for corner in (low, high))
+        raise InputImageError(f"The floating image does not overlap the reference in physical space: the reference "
+                              f"spans {extent(reference)} mm, the floating image {extent(floating)} mm. Check their "
+                              "origins, or align them first (affine pre-alignment).")
+    return fraction
 
 
 def normalize_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> np.ndarray:
@@ -148,17 +188,71 @@ def staged_output_dir(output_dir):
     """Yield a staging folder; move its files into ``output_dir`` only if the block succeeds.
 
     Outputs are written into a temporary folder beside ``output_dir`` and moved in at the end, so
-    an error midway leaves ``output_dir`` as it was (and removes it if this call created it).
+    an error or Ctrl-C midway leaves ``output_dir`` as it was (and removes it if this call created
+    it). Failures to create or write the folder raise :class:`OutputError`.
     """
     output_dir = Path(output_dir)
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-") as staging:
-            yield Path(staging)
-            for staged in sorted(Path(staging).iterdir()):
-                os.replace(staged, output_dir / staged.name)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-")
+    except OSError as error:
+        raise OutputError(f"The output folder {str(output_dir)!r} cannot be written: {error.strerror or error}.") from None
+    try:
+        with staging as folder:
+            try:
+                yield Path(folder)
+            except (OSError, RuntimeError) as error:  # RuntimeError: SimpleITK's writers
+                message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                raise OutputError(f"Writing the outputs into {str(output_dir)!r} failed: {message}") from None
+            _move_all_or_none(Path(folder), output_dir)
     except BaseException:
-        if created and not any(output_dir.iterdir()):
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
+
+
+def _move_all_or_none(staging: Path, output_dir: Path) -> None:
+    """Move every file of ``staging`` into ``output_dir``, or, if anything fails, none.
+
+    Files about to be replaced are set aside in ``staging`` and put back on failure. Ctrl-C is
+    held back during the moves (a few renames) and then undoes them, so it can never leave a mix
+    of old and new outputs.
+    """
+    replaced = staging / ".replaced"
+    replaced.mkdir()
+    moved = []
+    with _interrupts_recorded() as interrupted:
+        try:
+            for staged in sorted(path for path in staging.iterdir() if path != replaced):
+                target = output_dir / staged.name
+                if target.exists():
+                    os.replace(target, replaced / staged.name)
+                os.replace(staged, target)
+                moved.append(staged.name)
+            if interrupted:
+                raise KeyboardInterrupt
+        except BaseException as error:
+            for name in moved:
+                os.replace(output_dir / name, staging / name)
+            for old in replaced.iterdir():
+                os.replace(old, output_dir / old.name)
+            if isinstance(error, OSError):
+                raise OutputError(f"Moving the outputs into {str(output_dir)!r} failed: {error.strerror or error}; "
+                                  "the folder is as it was.") from None
+            raise
+
+
+@contextmanager
+def _interrupts_recorded():
+    """Record Ctrl-C (SIGINT) in the yielded list instead of raising it; only the main thread can
+    change signal handling, so elsewhere the list stays empty."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -120,7 +120,12 @@ def jacobian_determinant(displacement, spacing=None) -> np.ndarray:
         spacing = _check_spacing(spacing, ndims)
         displacement = displacement / np.reshape(spacing, (ndims,) + (1,) * ndims)
     # jacobian[i, j] = d(x_i + u_i) / d x_j, then moved to the last two axes for np.linalg.det.
-    jacobian = np.stack([np.stack(np.gradient(component), axis=0) for component in displacement])
+    # An axis of one voxel (a single-slice volume) has no derivative along it: zero.
+    jacobian = np.zeros((ndims,) + displacement.shape)
+    for i, component in enumerate(displacement):
+        for j in range(ndims):
+            if component.shape[j] > 1:
+                jacobian[i, j] = np.gradient(component, axis=j)
     jacobian += np.eye(ndims).reshape((ndims, ndims) + (1,) * ndims)
     return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
 

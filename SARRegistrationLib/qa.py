@@ -101,7 +101,7 @@ def _save_atomically(fig: Figure, path) -> None:
 
 
 def save_qa_figure(path, reference, floating, warped, displacement, reference_mask=None,
-                   floating_mask=None, warped_mask=None, title=None) -> None:
+                   floating_mask=None, warped_mask=None, title=None, folded_fraction=None) -> None:
     """Write a PNG summarising a registration of ``floating`` onto ``reference``.
 
     Panels: checkerboards of reference/floating (before) and reference/warped (after); when masks
@@ -119,6 +119,8 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
         displacement: ``(ndims, *spatial)`` field in voxels that produced ``warped``.
         reference_mask, floating_mask, warped_mask: optional binary masks of the same shape.
         title: optional figure title.
+        folded_fraction: the folded fraction for the Jacobian panel's title, when the arrays are
+            only part of a larger field (default: that of ``displacement``).
 
     Raises:
         ValueError: if the images are not 2D/3D or any array's shape does not match the reference.
@@ -139,7 +141,8 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
             _check_shape(name, mask, shape)
 
     determinant = jacobian_determinant(displacement)
-    folded_fraction = float(np.mean(determinant <= 0))
+    if folded_fraction is None:
+        folded_fraction = float(np.mean(determinant <= 0))
     # The in-plane components of an axial slice are those along axes 1 and 2 (y, x).
     in_plane = displacement[1:, shape[0] // 2] if len(shape) == 3 else displacement
     reference_2d, floating_2d, warped_2d = (_normalise(_middle_slice(image)) for image in (reference, floating, warped))

@@ -24,9 +24,9 @@ import torch
 
 from . import imageio, metrics
 from .deformations import affine_align
-from .fields import displacement_to_sitk, transform_to_displacement
+from .fields import displacement_in_voxels, displacement_to_sitk
 from .devices import resolve_device
-from .errors import InputImageError, RegistrationCancelled, WeightsError
+from .errors import InputImageError, RegistrationCancelled, SettingsError, WeightsError
 from .finetuning import CancelCheck, FinetuneSettings, ProgressCallback, encode_pair, finetune_last_layer
 from .model import SARModel, load_model
 from .networks.generator import otsu_mask
@@ -68,12 +68,21 @@ class RegistrationResult:
         return sorted(Path(output_dir) / name for name in [*images, "metrics.json", *(["qa.png"] if qa_figure else [])])
 
     def _qa_arrays(self) -> dict:
-        """Arrays of the QA figure on the reference grid; built only when a figure is drawn."""
+        """Arrays of the QA figure on the reference grid, built only when a figure is drawn.
+
+        A volume gives only the slices around its middle one, which is all the figure shows and
+        what the middle slice's Jacobian needs; the folded fraction of the title is the whole field's.
+        """
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
-        arrays = {"reference": imageio.array_of(reference),
-                  "floating": imageio.array_of(imageio.resample_to(floating, reference)),
-                  "warped": imageio.array_of(self.warped), "displacement": self.qa_inputs["displacement"]}
-        return {**arrays, **self.qa_inputs.get("masks", {})}
+        rows = _middle_rows(reference)
+        # Slicing a SimpleITK image along k keeps its physical geometry.
+        slab = (lambda image: image[:, :, rows]) if reference.GetDimension() == 3 else (lambda image: image)
+        arrays = {"reference": imageio.array_of(slab(reference)),
+                  "floating": imageio.array_of(imageio.resample_to(floating, slab(reference))),
+                  "warped": imageio.array_of(slab(self.warped)),
+                  "displacement": displacement_in_voxels(self.displacement, rows),
+                  "folded_fraction": self.metrics["folding_fraction"]}
+        return {**arrays, **{name: mask[rows] for name, mask in self.qa_inputs.get("masks", {}).items()}}
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
@@ -112,12 +121,17 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     reference_mask = _as_image(reference_mask, "reference mask", mask=True)
     floating_mask = _as_image(floating_mask, "floating mask", mask=True)
     ignore_mask = _as_image(ignore_mask, "ignore mask", mask=True)
-    if ignore_mask is not None and ignore_mask.GetDimension() != reference.GetDimension():
-        raise InputImageError(f"The ignore mask is {ignore_mask.GetDimension()}D but the reference is "
-                              f"{reference.GetDimension()}D.")
+    for role, mask in (("reference mask", reference_mask), ("floating mask", floating_mask),
+                       ("ignore mask", ignore_mask)):
+        if mask is not None and mask.GetDimension() != reference.GetDimension():
+            raise InputImageError(f"The {role} is {mask.GetDimension()}D but the reference is "
+                                  f"{reference.GetDimension()}D.")
     if mode not in MODES:
-        raise InputImageError(f"Unknown mode {mode!r}: choose 'volume' or 'slicewise'.")
+        raise SettingsError(f"Unknown mode {mode!r}: choose 'volume' or 'slicewise'.")
+    _check_finetuning_options(max_iterations, tolerance, smoothness)
     slicewise = mode == "slicewise" and reference.GetDimension() == 3
+    imageio.check_size(reference, "reference", slicewise)
+    imageio.check_size(floating, "floating image", slicewise)
     network_ndims = 2 if slicewise or reference.GetDimension() == 2 else 3
     torch_device = resolve_device(device)
 
@@ -136,11 +150,13 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         prealignment = affine_align(reference, floating)
     # Slices run along SimpleITK's k axis (array axis 0): that axis keeps its voxel count.
     grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ())
+    overlap = imageio.check_overlap(grid, reference, floating, prealignment)
     reference_input = _network_input(reference, grid, slicewise, torch_device)
     floating_input = _network_input(floating, grid, slicewise, torch_device, prealignment)
 
     report(0.05, "encoding the pair")
-    encoding = encode_pair(model, reference_input, floating_input)
+    encoding = encode_pair(model, reference_input, floating_input, cancel,
+                           progress=lambda f: report(0.05 + 0.15 * f, "encoding the pair"))
     _check_cancel(cancel)
     iterations, converged = 0, None
     if finetune:
@@ -150,7 +166,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         ignore_input = None if ignore_mask is None else \
             _network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
         tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
-                                    progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel,
+                                    progress=lambda f, message: report(0.2 + 0.7 * f, message), cancel=cancel,
                                     ignore_mask=ignore_input)
         displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
     else:
@@ -171,14 +187,14 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     generated_reference = _mask_image(otsu_mask(encoding.reference_map), grid, slicewise)
     generated_floating = _mask_image(otsu_mask(encoding.floating_map), grid, slicewise)
 
-    field_voxels = transform_to_displacement(transform, reference)
+    folding, largest_displacement = _field_statistics(field_mm)
     summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
-               "affine_prealignment": affine, "finetuned": finetune, "ignore_mask": ignore_mask is not None,
+               "affine_prealignment": affine, "overlap_fraction": round(overlap, 4), "finetuned": finetune,
+               "ignore_mask": ignore_mask is not None,
                "iterations": iterations, "converged": converged,
-               "folding_fraction": metrics.folding_fraction(field_voxels),
-               "max_displacement_mm": float(np.linalg.norm(imageio.array_of(field_mm), axis=-1).max()),
+               "folding_fraction": folding, "max_displacement_mm": largest_displacement,
                "weights": model.metadata.get("weights_path", "in memory")}
-    qa_inputs = {"reference": reference, "floating": floating, "displacement": field_voxels}
+    qa_inputs = {"reference": reference, "floating": floating}
     warped_floating_mask = None
     if reference_mask is not None and floating_mask is not None:
         warped_floating_mask = imageio.resample_to(floating_mask, reference, label=True, transform=transform)
@@ -235,9 +251,46 @@ def _voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:
     return np.concatenate([np.zeros_like(in_plane[:1]), in_plane])
 
 
+# Rows (array axis 0) per slab when the full-resolution field is summarised: the Jacobian of a
+# whole CT-sized field (512×512×300) would take over 10 GB at once.
+_SLAB_ROWS = 16
+
+
+def _field_statistics(field_mm: sitk.Image) -> tuple[float, float]:
+    """Folded-voxel fraction and largest displacement (mm) of an ITK field, a slab at a time."""
+    millimetres = sitk.GetArrayViewFromImage(field_mm)
+    rows = millimetres.shape[0]
+    folded, largest = 0, 0.0
+    for start in range(0, rows, _SLAB_ROWS):
+        stop = min(start + _SLAB_ROWS, rows)
+        # One row of margin on each side: the derivatives on the slab's edges are those of the whole field.
+        low, high = max(start - 1, 0), min(stop + 1, rows)
+        determinant = metrics.jacobian_determinant(displacement_in_voxels(field_mm, slice(low, high)))
+        folded += int(np.count_nonzero(determinant[start - low:stop - low] <= 0))
+        largest = max(largest, float(np.sqrt((millimetres[start:stop] ** 2).sum(axis=-1)).max()))
+    return folded / field_mm.GetNumberOfPixels(), largest
+
+
+def _middle_rows(image: sitk.Image) -> slice:
+    """The middle slice along array axis 0 with its neighbours (a 3D image), or everything (2D)."""
+    if image.GetDimension() == 2:
+        return slice(None)
+    middle, depth = image.GetSize()[2] // 2, image.GetSize()[2]
+    return slice(max(middle - 1, 0), min(middle + 2, depth))
+
+
 def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool) -> sitk.Image:
     array = mask.detach().cpu().numpy().astype(np.uint8)
     return imageio.image_like(array[:, 0] if slicewise else array[0, 0], grid)
+
+
+def _check_finetuning_options(max_iterations, tolerance, smoothness) -> None:
+    if not isinstance(max_iterations, (int, np.integer)) or max_iterations < 1:
+        raise SettingsError(f"The iteration limit must be a whole number of at least 1, not {max_iterations!r} "
+                              "(to use the trained network as it is, turn finetuning off).")
+    for name, value in (("tolerance", tolerance), ("smoothness", smoothness)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise SettingsError(f"The {name} must be a finite number of at least 0, not {value!r}.")
 
 
 def _check_cancel(cancel: CancelCheck | None) -> None:

@@ -1,12 +1,15 @@
 """Tests of SARRegistrationLib.imageio: reading, checking, normalising, working grids, staged outputs."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from helpers import corner_points, rotation_2d, rotation_3d, with_geometry
 from SARRegistrationLib import imageio
-from SARRegistrationLib.errors import InputImageError, SARError
+from SARRegistrationLib.errors import InputImageError, OutputError, SARError
 
 
 def _ramp(shape, dtype=np.float32):
@@ -202,10 +205,10 @@ def test_staged_output_dir_success_moves_files(tmp_path):
 
 def test_staged_output_dir_error_removes_new_dir(tmp_path):
     output = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="midway"):
+    with pytest.raises(OutputError, match="Writing the outputs into .* failed: midway"):
         with imageio.staged_output_dir(output) as staging:
             (staging / "a.txt").write_text("a")
-            raise RuntimeError("midway")
+            raise RuntimeError("midway")  # as SimpleITK's writers raise
     assert not output.exists()
 
 
@@ -229,3 +232,72 @@ def test_staged_output_dir_error_keeps_existing_empty_dir(tmp_path):
         with imageio.staged_output_dir(output):
             raise ValueError
     assert output.is_dir() and not any(output.iterdir())
+
+
+def test_staged_output_dir_that_is_a_file_is_an_output_error(tmp_path):
+    output = tmp_path / "out"
+    output.write_text("a file, not a folder")
+    with pytest.raises(OutputError, match="cannot be written"):
+        with imageio.staged_output_dir(output):
+            pytest.fail("the block must not run")
+    assert output.read_text() == "a file, not a folder"
+
+
+def _existing_outputs(output):
+    output.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (output / name).write_text("old " + name)
+
+
+def _stage_new_outputs(staging):
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (staging / name).write_text("new " + name)
+
+
+def _assert_old_outputs(output):
+    assert sorted(p.name for p in output.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert all((output / name).read_text() == "old " + name for name in ("a.txt", "b.txt", "c.txt"))
+
+
+def test_failed_move_puts_every_replaced_file_back(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    _existing_outputs(output)
+    real_replace, calls = os.replace, []
+
+    def failing_replace(source, target):
+        calls.append(source)
+        if len(calls) == 4:  # after a.txt was set aside and replaced, while b.txt moves in
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(imageio.os, "replace", failing_replace)
+    with pytest.raises(OutputError, match="No space left on device; the folder is as it was"):
+        with imageio.staged_output_dir(output) as staging:
+            _stage_new_outputs(staging)
+    _assert_old_outputs(output)
+
+
+def test_ctrl_c_while_moving_undoes_the_moves(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    _existing_outputs(output)
+    real_replace = os.replace
+
+    def interrupted_replace(source, target):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives in the middle of the moves
+        real_replace(source, target)
+
+    monkeypatch.setattr(imageio.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        with imageio.staged_output_dir(output) as staging:
+            _stage_new_outputs(staging)
+    _assert_old_outputs(output)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_staged_output_dir_replaces_old_outputs_when_all_goes_well(tmp_path):
+    output = tmp_path / "out"
+    _existing_outputs(output)
+    with imageio.staged_output_dir(output) as staging:
+        _stage_new_outputs(staging)
+    assert sorted(p.name for p in output.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
+    assert all((output / name).read_text() == "new " + name for name in ("a.txt", "b.txt", "c.txt", "d.txt"))

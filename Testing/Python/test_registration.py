@@ -11,7 +11,7 @@ from helpers import (index_to_physical, one_torch_thread, perturb_head, rotation
                      small_float, small_label, small_pair_2d, tiny_model, with_geometry)
 from SARRegistrationLib import imageio
 from SARRegistrationLib.errors import (DeviceError, InputImageError, RegistrationCancelled, SARError,
-                                       WeightsError)
+                                       SettingsError, WeightsError)
 from SARRegistrationLib.model import save_model
 from SARRegistrationLib.registration import RegistrationResult, register
 
@@ -370,7 +370,7 @@ def test_cuda_without_gpu(pair_2d, weights_2d, empty_dir):
 def test_unknown_device_and_mode(pair_2d, weights_2d, empty_dir):
     with pytest.raises(DeviceError, match="Unknown device"):
         register(pair_2d[0], pair_2d[1], weights=weights_2d, device="tpu")
-    with pytest.raises(InputImageError, match="Unknown mode"):
+    with pytest.raises(SettingsError, match="Unknown mode"):
         register(pair_2d[0], pair_2d[1], weights=weights_2d, device="cpu", mode="affine")
 
 
