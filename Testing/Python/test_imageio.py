@@ -188,7 +188,8 @@ def test_working_grid_keep_axes_keeps_the_slice_count():
 
     grid = imageio.working_grid(reference, 32, keep_axes=(2,))
 
-    assert grid.GetSize() == (32, 32, 13)
+    # 89.6 x 130 mm in-plane: y gets 32 voxels of 4.06 mm, x 22 of them, rounded up to 24.
+    assert grid.GetSize() == (24, 32, 13)
     assert grid.GetSpacing()[2] == pytest.approx(spacing[2])
     np.testing.assert_allclose(corner_points(grid), corner_points(reference), atol=1e-9)
 
@@ -301,3 +302,14 @@ def test_staged_output_dir_replaces_old_outputs_when_all_goes_well(tmp_path):
         _stage_new_outputs(staging)
     assert sorted(p.name for p in output.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
     assert all((output / name).read_text() == "new " + name for name in ("a.txt", "b.txt", "c.txt", "d.txt"))
+
+
+def test_working_grid_of_thick_slices_is_nearly_isotropic():
+    # 0.5 x 0.5 x 5 mm, 512 x 512 x 30: 256 x 256 x 150 mm. A 64-voxel grid has 4 mm voxels in-plane;
+    # the 30 slices stay 30 (rounded up to 32), not shrunk to 8 as a per-voxel scaling would.
+    reference = with_geometry(sitk.Image([512, 512, 30], sitk.sitkUInt8), (0.0, 0.0, 0.0), (0.5, 0.5, 5.0),
+                              rotation_3d(0.0, 0.0))
+    grid = imageio.working_grid(reference, 64)
+    assert grid.GetSize() == (64, 64, 32)
+    np.testing.assert_allclose(grid.GetSpacing(), (4.0, 4.0, 150.0 / 32))
+    np.testing.assert_allclose(corner_points(grid), corner_points(reference), atol=1e-9)
