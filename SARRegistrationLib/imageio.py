@@ -7,8 +7,11 @@ array: whatever leaves this module as an array comes back through a SimpleITK im
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
 import signal
+import struct
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -38,9 +41,45 @@ def read_image(path, role: str = "image", allow_constant: bool = False) -> sitk.
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise InputImageError(f"The {role} file {str(path)!r} could not be read as an image: {first_line}") from None
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        if "Unable to determine ImageIO reader" in reason:
+            reason = f"its format is not recognised or it is damaged (SAR reads {', '.join(SUPPORTED_SUFFIXES)})"
+        raise InputImageError(f"The {role} file {str(path)!r} could not be read as an image: {reason}.") from None
+    _check_nifti_complete(path, role)
     return check_image(image, role, allow_constant)
+
+
+def _check_nifti_complete(path: Path, role: str) -> None:
+    """Refuse a truncated NIfTI file. ITK reads one without complaint and fills the missing voxels
+    with zeros, so the length of its data is checked here against what its header promises."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as stream:
+            needed = _nifti_bytes_needed(stream.read(540))
+            available = 540 + sum(len(block) for block in iter(lambda: stream.read(1 << 24), b""))
+    except (OSError, EOFError):  # a gzip stream that ends early or is damaged
+        needed, available = 1, 0
+    if needed is not None and available < needed:
+        raise InputImageError(f"The {role} file {str(path)!r} is truncated or corrupt: its header promises more "
+                              "voxels than it holds. Copy or export it again.")
+
+
+def _nifti_bytes_needed(header: bytes) -> int | None:
+    """Data offset + voxels x bits per voxel / 8, from a NIfTI-1 or NIfTI-2 header (either byte order)."""
+    for order in "<>":
+        header_size = struct.unpack(order + "i", header[:4])[0] if len(header) >= 4 else 0
+        if header_size == 348 and len(header) >= 348:
+            dims, bits = struct.unpack(order + "8h", header[40:56]), struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+        elif header_size == 540 and len(header) >= 540:
+            bits, dims = struct.unpack(order + "h", header[14:16])[0], struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        return int(offset) + math.prod(dims[1:1 + min(max(dims[0], 0), 7)]) * bits // 8
+    return None
 
 
 def _grey_from_equal_channels(image: sitk.Image, role: str) -> sitk.Image:
@@ -199,6 +238,8 @@ def staged_output_dir(output_dir):
     """
     output_dir = Path(output_dir)
     created = not output_dir.exists()
+    if not created and not output_dir.is_dir():
+        raise OutputError(f"The output folder {str(output_dir)!r} is a file, not a folder; choose another name.")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,9 @@ def read_checkpoint(path) -> dict:
     try:
         # weights_only=True: the file can hold tensors and plain containers only, never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(f"{str(path)!r} is not a readable SAR weights file: it holds Python objects other than "
+                           "weights, which SAR never loads because loading them could run code.") from None
     except Exception as error:  # noqa: BLE001 - whatever a foreign or broken file raises, the answer is the same
         raise WeightsError(f"{str(path)!r} is not a readable SAR weights file: it is corrupt, truncated, "
                            f"or not a PyTorch weights file ({type(error).__name__}).") from None

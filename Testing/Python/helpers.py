@@ -6,6 +6,8 @@ fixture that a module activates by importing it.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -23,6 +25,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class RunsCodeOnLoad:
+    """Unpickling this object runs a shell command (what a malicious weights file would do)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 def tiny_model(ndims: int, working_size: int = 32, seed: int = 0) -> SARModel:

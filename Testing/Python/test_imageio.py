@@ -238,7 +238,7 @@ def test_staged_output_dir_error_keeps_existing_empty_dir(tmp_path):
 def test_staged_output_dir_that_is_a_file_is_an_output_error(tmp_path):
     output = tmp_path / "out"
     output.write_text("a file, not a folder")
-    with pytest.raises(OutputError, match="cannot be written"):
+    with pytest.raises(OutputError, match="is a file, not a folder"):
         with imageio.staged_output_dir(output):
             pytest.fail("the block must not run")
     assert output.read_text() == "a file, not a folder"

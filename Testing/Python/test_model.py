@@ -1,26 +1,15 @@
 """Tests of SARRegistrationLib.model: the weights file format, its safety checks and the model card."""
 
 import json
-import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import one_torch_thread, perturb_head, tiny_model  # noqa: F401  (autouse fixture)
+from helpers import RunsCodeOnLoad, one_torch_thread, perturb_head, tiny_model  # noqa: F401  (autouse fixture)
 from SARRegistrationLib.errors import WeightsError
 from SARRegistrationLib.model import CHECKPOINT_FORMAT, load_model, read_checkpoint, save_model, sha256_of
-
-
-class _RunsCodeOnLoad:
-    """Unpickling this object runs a shell command (what a malicious weights file would do)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 def _outputs(model, seed=1):
@@ -127,12 +116,12 @@ def test_weights_with_unsupported_dimension_are_rejected(tmp_path):
 
 def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
     side_effect = tmp_path / "pwned"
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "evil": _RunsCodeOnLoad(f"touch '{side_effect}'")}
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "evil": RunsCodeOnLoad(f"touch '{side_effect}'")}
     path = tmp_path / "evil.pt"
     torch.save(payload, path)
     # Make sure the payload really works when unpickled unsafely (proof that the test can detect it).
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_RunsCodeOnLoad(f"touch '{probe}'")))
+    pickle.loads(pickle.dumps(RunsCodeOnLoad(f"touch '{probe}'")))
     assert probe.exists()
 
     with pytest.raises(WeightsError, match=r"evil\.pt.* is not a readable SAR weights file"):
