@@ -104,3 +104,20 @@ def test_tables_plot_and_json_are_written(tiny_pair, tiny_weights, tmp_path, mon
     difference = next(c for c in saved["comparisons"] if c["name"].endswith("Dice(SAR (no finetuning))"))
     assert difference["value"] == pytest.approx(dice["sar"] - dice["sar_noft"])
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_large_volume_benchmark_measures_memory_time_and_cancel(tmp_path):
+    """A tiny run of benchmarks/large_volume.py: each measurement in its own process."""
+    from benchmarks import large_volume
+
+    assert large_volume.main(["--sizes", "32x24x5", "--measurements", "slicewise", "cancel",
+                              "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "large_volume.json").read_text())
+    assert [(row["measurement"], row["status"]) for row in rows] == [("slicewise", "ok"), ("cancel", "ok")]
+    registration, cancel = rows
+    assert registration["voxels"] == 32 * 24 * 5
+    assert registration["register_seconds"] > 0 and 0.05 < registration["peak_memory_gb"] < 24
+    assert 0 <= cancel["latency_seconds"] < 30
+    table = (tmp_path / "large_volume.md").read_text()
+    assert "| 32x24x5 (0.0 M) | slicewise | ok |" in table
+    assert (tmp_path / "large_volume.png").stat().st_size > 0

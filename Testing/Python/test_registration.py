@@ -401,3 +401,33 @@ def test_cancel(pair_2d, weights_2d, empty_dir, calls_before_cancel):
         register(pair_2d[0], pair_2d[1], weights=weights_2d, device="cpu", max_iterations=5, tolerance=0,
                  cancel=cancel)
     assert len(asked) == calls_before_cancel + 1
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_outputs_made_in_slabs_equal_outputs_made_whole(volume, monkeypatch, affine):
+    from SARRegistrationLib import registration
+
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    model = perturb_head(tiny_model(3), bias=[0.5, 1.0, -1.5], weight_std=0.03)
+    results = []
+    for slab in (1000, 4):  # whole, then 4 slabs of 4, 4, 4 and 3 slices
+        monkeypatch.setattr(registration, "_OUTPUT_SLAB_SLICES", slab)
+        results.append(register(volume, floating, model, mode="volume", device="cpu", finetune=False, affine=affine))
+    whole, slabs = results
+    # Equal up to rounding: a slab's origin is computed, not copied.
+    np.testing.assert_allclose(_field_mm(slabs), _field_mm(whole), atol=1e-9)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(slabs.warped), sitk.GetArrayFromImage(whole.warped), atol=1e-3)
+    _same_grid(slabs.displacement, volume)
+    _same_grid(slabs.warped, volume)
+
+
+def test_cancel_while_the_outputs_are_made(volume, monkeypatch):
+    from SARRegistrationLib import registration
+
+    monkeypatch.setattr(registration, "_OUTPUT_SLAB_SLICES", 4)
+    messages = []
+    with pytest.raises(RegistrationCancelled):
+        register(volume, volume, tiny_model(3), mode="volume", device="cpu", finetune=False,
+                 progress=lambda fraction, message: messages.append(message),
+                 cancel=lambda: "warping the floating image" in messages)
+    assert messages[-1] == "warping the floating image"  # stopped after the first slab of the warp

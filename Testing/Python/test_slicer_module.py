@@ -635,6 +635,17 @@ def empty_volume(scene, brain_array):
     return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
 
 
+def nan_volume(scene, brain_array):
+    array = brain_array.astype(np.float32)
+    array[3, 10:12, 10:12] = np.nan
+    return add_volume(scene, array, ijk_to_ras(**FLOATING_RAS), "with NaN")
+
+
+def far_away_volume(scene, brain_array):
+    far = {**FLOATING_RAS, "origin": tuple(value + 2000.0 for value in FLOATING_RAS["origin"])}
+    return add_volume(scene, brain_array, ijk_to_ras(**far), "far away")
+
+
 @pytest.mark.parametrize("make_floating, message", [
     (no_volume, "Select a floating volume"),
     (empty_volume, "has no voxels"),
@@ -642,6 +653,8 @@ def empty_volume(scene, brain_array):
     (four_d_volume, "4 values per voxel"),
     (single_slice, "single slice but the other volume is 3D"),
     (under_grid_transform, "non-linear transform 'by hand'. Harden"),
+    (nan_volume, "has 4 NaN or infinite voxels"),
+    (far_away_volume, "does not overlap the reference in physical space"),
 ])
 def test_bad_floating_volume_is_refused_clearly(scene, logic, pair_3d, model_3d, brain_array, make_floating, message):
     reference, _ = pair_3d
