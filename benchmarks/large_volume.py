@@ -130,7 +130,9 @@ def measure_ctrl_c(reference: Path, floating: Path, output: Path, device: str, t
                "--floating", str(floating), "--output-dir", str(output), "--mode", "slicewise", "--device", device,
                "--max-iterations", "100000", "--tolerance", "0"]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, env=environment)
+    # As from a terminal: a job started in the background of a script inherits SIGINT ignored.
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, env=environment,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     while b"finetuning" not in seen:
         chunk = process.stderr.read1(4096)

@@ -77,7 +77,9 @@ def test_ctrl_c_during_finetuning_stops_at_once_and_leaves_the_outputs_as_they_w
     args = _register_args(inputs, output, "--no-qa")
     args[args.index("--max-iterations") + 1] = "1000000"  # would run for minutes
     process = subprocess.Popen([sys.executable, "-m", "SARRegistrationLib", *args, "--tolerance", "0"],
-                               cwd=REPO, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               cwd=REPO, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               # as from a terminal, even when the tests themselves run with SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     while b"finetuning: iteration" not in seen:
         chunk = process.stderr.read1(4096)
