@@ -414,8 +414,9 @@ def test_outputs_made_in_slabs_equal_outputs_made_whole(volume, monkeypatch, aff
         monkeypatch.setattr(registration, "_OUTPUT_SLAB_SLICES", slab)
         results.append(register(volume, floating, model, mode="volume", device="cpu", finetune=False, affine=affine))
     whole, slabs = results
-    # Equal up to rounding: a slab's origin is computed, not copied.
-    np.testing.assert_allclose(_field_mm(slabs), _field_mm(whole), atol=1e-9)
+    # Equal up to rounding: a slab's origin is computed, not copied, and the affine pre-alignment
+    # (run anew for each registration) sums over voxels in threads, in no fixed order.
+    np.testing.assert_allclose(_field_mm(slabs), _field_mm(whole), atol=1e-4 if affine else 1e-9)
     np.testing.assert_allclose(sitk.GetArrayFromImage(slabs.warped), sitk.GetArrayFromImage(whole.warped), atol=1e-3)
     _same_grid(slabs.displacement, volume)
     _same_grid(slabs.warped, volume)
