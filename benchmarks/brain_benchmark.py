@@ -350,7 +350,9 @@ def plot(summary: list[dict], path) -> Path:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(s["method"] for s in summary))
-    labels = {s["method"]: s["label"] for s in summary}
+    labels = {}  # a key may carry different labels per dataset ("SAR" in 2D, "SAR 3D volume" in 3D): show each
+    for s in summary:
+        labels.setdefault(s["method"], {})[s["label"]] = None
     datasets = list(dict.fromkeys(s["dataset"] for s in summary))
     by_key = {(s["dataset"], s["method"]): s for s in summary}
     panels = (("dice", "Dice", False), ("hd95_mm", "HD95 (mm)", False), ("seconds", "seconds (log)", True))
@@ -377,7 +379,7 @@ def plot(summary: list[dict], path) -> Path:
         if log:
             axis.set_yscale("log")
         axis.grid(axis="y", alpha=0.3)
-    axes[-1].set_xticks(x, [labels[m] for m in methods], rotation=30, ha="right", fontsize=9)
+    axes[-1].set_xticks(x, [" /\n".join(labels[m]) for m in methods], rotation=30, ha="right", fontsize=9)
     axes[0].set_ylim(0, 1)
     axes[0].legend(title="dataset")
     axes[0].set_title("mean ± sd over pairs; not run = package or weights missing, or failed (see results.md)")

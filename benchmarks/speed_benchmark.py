@@ -160,14 +160,13 @@ def plot(results: dict, path) -> Path:
     figure, axis = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
     colours = ["tab:green" if row["meets_target"] else "tab:red" for row in rows]
     axis.barh(y, [row["mean_s"] for row in rows], xerr=[row["sd_s"] for row in rows], color=colours, capsize=3)
-    axis.scatter([row["target_s"] for row in rows], y, marker="|", s=400, color="black", label="target", zorder=3)
+    axis.scatter([row["target_s"] for row in rows], y, marker="|", s=400, color="black", zorder=3)
     axis.set_yticks(y, [row["case"] + (" *" if row["model"] == UNTRAINED else "") for row in rows], fontsize=8)
     axis.invert_yaxis()
     axis.set_xscale("log")
     axis.set_xlabel(f"seconds per register call (torch threads {results['machine']['torch_threads']}, "
                     f"{results['machine']['device']})")
-    axis.set_title("green: meets target, red: misses; * untrained 3D model, timing only", fontsize=9)
-    axis.legend(loc="lower right")
+    axis.set_title("black tick: target; green: meets it, red: misses it; * untrained 3D model, timing only", fontsize=9)
     axis.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     path = Path(path)
