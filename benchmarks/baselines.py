@@ -417,13 +417,15 @@ class VoxelMorphMethod(Method):
     It registers on the grid SAR uses (``imageio.working_grid(reference, working_size)``, the same
     intensity normalisation); its voxel field is turned into millimetres on that grid with
     ``fields.displacement_to_sitk`` and resampled onto the reference grid, as ``register`` does.
+    ``mode="slicewise"`` runs 2D weights on a 3D volume as ``register`` does for SAR: the slices
+    along the k axis are one batch and nothing moves across slices.
     """
 
-    key, label = "voxelmorph", "VoxelMorph"
-
-    def __init__(self, weights, ndims: int, device: str = "auto"):
+    def __init__(self, weights, ndims: int, device: str = "auto", *, mode: str = "volume", key: str = "voxelmorph",
+                 label: str = "VoxelMorph"):
+        self.key, self.label, self.base_label = key, label, label
         self.weights = Path(weights)
-        self.ndims, self.device = ndims, device
+        self.ndims, self.device, self.mode = ndims, device, mode
         self.model, self.config = None, None
 
     def prepare(self) -> None:
@@ -436,22 +438,29 @@ class VoxelMorphMethod(Method):
         self.model, self.config = load_voxelmorph(self.weights, self.device)
         if int(self.config["ndims"]) != self.ndims:
             raise NotRun(f"{display_path(self.weights)} holds {self.config['ndims']}D weights, not {self.ndims}D")
-        self.label = f"VoxelMorph ({self.config.get('similarity', '?').upper()})"
+        self.label = f"{self.base_label} ({self.config.get('similarity', '?').upper()})"
 
     def run(self, pair: Pair) -> MethodOutput:
         import torch
 
+        # register's own conversion of a (slice) batch of voxel fields to (ndims, *spatial)
+        from SARRegistrationLib.registration import _voxel_field
+
+        slicewise = self.mode == "slicewise" and pair.reference.GetDimension() == 3
         started = time.perf_counter()
-        grid = imageio.working_grid(pair.reference, int(self.config["working_size"]))
+        grid = imageio.working_grid(pair.reference, int(self.config["working_size"]),
+                                    keep_axes=(2,) if slicewise else ())
         reference = network_input(pair.reference, grid).to(self.device)
         floating = network_input(pair.floating, grid).to(self.device)
+        if slicewise:  # (1, 1, slices, H, W) -> (slices, 1, H, W)
+            reference, floating = reference[0].transpose(0, 1), floating[0].transpose(0, 1)
         with torch.no_grad():
             displacement, _, _ = voxelmorph_forward(self.model, floating, reference, pad_multiple(self.config))
-        voxels = displacement[0].detach().cpu().numpy().astype(np.float64)
-        field_mm = sitk.Resample(displacement_to_sitk(voxels, grid), pair.reference, sitk.Transform(),
-                                 sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+        field_mm = sitk.Resample(displacement_to_sitk(_voxel_field(displacement, slicewise), grid), pair.reference,
+                                 sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
         seconds = time.perf_counter() - started
         return MethodOutput(field_mm, seconds)
 
     def settings(self) -> dict:
-        return {"weights": display_path(self.weights), **({"config": self.config} if self.config else {})}
+        return {"weights": display_path(self.weights), "mode": self.mode,
+                **({"config": self.config} if self.config else {})}

@@ -57,6 +57,10 @@ QUICK = {"pairs": 1, "dims": [2], "sar_max_iterations": 10, "elastix_iterations"
          "ants_iterations": [10, 5, 0]}
 FULL = {"pairs": 5, "dims": [2, 3], "sar_max_iterations": 100, "elastix_iterations": 256, "elastix_resolutions": 4,
         "ants_iterations": [40, 20, 0]}
+# The SAR rows of one dataset: (key suffix, label prefix, network mode). 3D has the volume rows
+# (3D weights) and the slice-wise rows (2D weights, one batch of slices per volume).
+SAR_VARIANTS = {2: (("", "SAR", "volume"),),
+                3: (("", "SAR 3D volume", "volume"), ("_slicewise", "SAR slice-wise", "slicewise"))}
 OPTIONAL_PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "itk-elastix", "itk", "antspyx", "voxelmorph")
 
 
@@ -224,21 +228,22 @@ def _paired(rows, dataset, first, second, name="dice"):
 def comparisons(rows: list[dict], summary: list[dict]) -> list[dict]:
     """The figures issue #4 asks for, per dataset, computed from this run's rows.
 
-    Time ratio: mean seconds of Elastix over mean seconds of SAR (finetuned). Dice differences:
-    SAR (finetuned) minus the other method, paired by pair, mean ± sd over the pairs both ran.
-    In 3D the same is given for SAR slice-wise against Elastix and ANTs.
+    For each SAR variant of the dataset (2D: SAR; 3D: SAR 3D volume and SAR slice-wise): time
+    ratio = mean seconds of Elastix over mean seconds of that SAR (finetuned); Dice differences =
+    that SAR (finetuned) minus Elastix, ANTs, the same network without finetuning (what finetuning
+    adds) and SAR-NoSeg of the same mode (what the segmentation terms add), paired by pair, mean ±
+    sd over the pairs both ran.
     """
     by_key = {(s["dataset"], s["method"]): s for s in summary}
     results = []
     for dataset in dict.fromkeys(s["dataset"] for s in summary):
-        sar_rows = [("sar", "SAR (finetuned)")]
-        if (dataset, "sar_slicewise") in by_key:
-            sar_rows.append(("sar_slicewise", "SAR slice-wise"))
-        for sar_key, sar_name in sar_rows:
-            others = [("elastix", "Elastix"), ("ants", "ANTs")]
-            if sar_key == "sar":
-                others += [("sar_noft", "SAR (no finetuning)"), ("sar_noseg", "SAR-NoSeg")]
-            sar = by_key.get((dataset, sar_key))
+        for suffix, name, _ in SAR_VARIANTS[int(dataset.rstrip("D"))]:
+            sar_key, sar_name = f"sar{suffix}", f"{name} (finetuned)"
+            if (dataset, sar_key) not in by_key:
+                continue
+            others = [("elastix", "Elastix"), ("ants", "ANTs"), (f"sar_noft{suffix}", f"{name} (no finetuning)"),
+                      (f"sar_noseg{suffix}", name.replace("SAR", "SAR-NoSeg"))]
+            sar = by_key[(dataset, sar_key)]
             elastix = by_key.get((dataset, "elastix"))
             entry = {"dataset": dataset, "name": f"time(Elastix) / time({sar_name})", "kind": "ratio"}
             if _ran(sar) and _ran(elastix) and sar["seconds"]["mean"]:
@@ -345,7 +350,9 @@ def plot(summary: list[dict], path) -> Path:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(s["method"] for s in summary))
-    labels = {s["method"]: s["label"] for s in summary}
+    labels = {}  # a key may carry different labels per dataset ("SAR" in 2D, "SAR 3D volume" in 3D): show each
+    for s in summary:
+        labels.setdefault(s["method"], {})[s["label"]] = None
     datasets = list(dict.fromkeys(s["dataset"] for s in summary))
     by_key = {(s["dataset"], s["method"]): s for s in summary}
     panels = (("dice", "Dice", False), ("hd95_mm", "HD95 (mm)", False), ("seconds", "seconds (log)", True))
@@ -372,7 +379,7 @@ def plot(summary: list[dict], path) -> Path:
         if log:
             axis.set_yscale("log")
         axis.grid(axis="y", alpha=0.3)
-    axes[-1].set_xticks(x, [labels[m] for m in methods], rotation=30, ha="right", fontsize=9)
+    axes[-1].set_xticks(x, [" /\n".join(labels[m]) for m in methods], rotation=30, ha="right", fontsize=9)
     axes[0].set_ylim(0, 1)
     axes[0].legend(title="dataset")
     axes[0].set_title("mean ± sd over pairs; not run = package or weights missing, or failed (see results.md)")
@@ -429,28 +436,38 @@ def machine_info(device: str = "auto", itk_threads=None) -> dict:
 
 def build_methods(ndims: int, args) -> list[baselines.Method]:
     """The rows of one dataset, in table order."""
-    sar_weights = args.weights_2d if ndims == 2 else args.weights_3d
-    noseg_weights = args.noseg_weights_2d if ndims == 2 else args.noseg_weights_3d
-    vxm_weights = args.voxelmorph_weights_2d if ndims == 2 else args.voxelmorph_weights_3d
+    weights = {2: (args.weights_2d, args.noseg_weights_2d, args.voxelmorph_weights_2d),
+               3: (args.weights_3d, args.noseg_weights_3d, args.voxelmorph_weights_3d)}
     common = {"max_iterations": args.sar_max_iterations, "device": args.device}
-    methods = [
-        baselines.Before(),
-        baselines.SARMethod("sar_noft", "SAR (no finetuning)", sar_weights, ndims, finetune=False, **common),
-        baselines.SARMethod("sar", "SAR (finetuned)", sar_weights, ndims, finetune=True, **common),
-        baselines.SARMethod("sar_noseg", "SAR-NoSeg (finetuned)", noseg_weights, ndims, finetune=True, **common),
-    ]
-    if ndims == 3:
-        methods.append(baselines.SARMethod("sar_slicewise", "SAR slice-wise (2D weights, finetuned)", args.weights_2d,
-                                           2, finetune=True, mode="slicewise", **common))
+    methods = [baselines.Before()]
+    for suffix, name, mode in SAR_VARIANTS[ndims]:
+        network_ndims = 2 if mode == "slicewise" else ndims
+        sar_weights, noseg_weights, _ = weights[network_ndims]
+        methods += [
+            baselines.SARMethod(f"sar_noft{suffix}", f"{name} (no finetuning)", sar_weights, network_ndims,
+                                finetune=False, mode=mode, **common),
+            baselines.SARMethod(f"sar{suffix}", f"{name} (finetuned)", sar_weights, network_ndims, finetune=True,
+                                mode=mode, **common),
+            baselines.SARMethod(f"sar_noseg{suffix}", f"{name.replace('SAR', 'SAR-NoSeg')} (finetuned)",
+                                noseg_weights, network_ndims, finetune=True, mode=mode, **common),
+        ]
     methods += [
         baselines.ElastixBSpline(grid_spacing_mm=args.elastix_grid_spacing, resolutions=args.elastix_resolutions,
                                  iterations=args.elastix_iterations, threads=args.threads, seed=args.seed),
         baselines.AntsSyN(reg_iterations=args.ants_iterations, seed=args.seed),
-        baselines.VoxelMorphMethod(vxm_weights, ndims, device=args.device),
     ]
+    for suffix, name, mode in SAR_VARIANTS[ndims]:
+        network_ndims = 2 if mode == "slicewise" else ndims
+        label = name.replace("SAR", "VoxelMorph")
+        methods.append(baselines.VoxelMorphMethod(weights[network_ndims][2], network_ndims, device=args.device,
+                                                  mode=mode, key=f"voxelmorph{suffix}", label=label))
     if args.methods:
         methods = [m for m in methods if m.key in args.methods]
     return methods
+
+
+METHOD_KEYS = ("before", "sar_noft", "sar", "sar_noseg", "sar_noft_slicewise", "sar_slicewise", "sar_noseg_slicewise",
+               "elastix", "ants", "voxelmorph", "voxelmorph_slicewise")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -466,8 +483,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bound of each component of the random B-spline displacement")
     parser.add_argument("--no-intensity-remap", action="store_true", help="3D: keep the floating volume's intensities")
     parser.add_argument("--methods", nargs="+",
-                        choices=("before", "sar_noft", "sar", "sar_noseg", "sar_slicewise", "elastix", "ants",
-                                 "voxelmorph"), help="only these rows (default: all)")
+                        choices=METHOD_KEYS, help="only these rows (default: all)")
     parser.add_argument("--weights-2d", type=Path, default=WEIGHTS_DIR / "sar_2d.pt")
     parser.add_argument("--weights-3d", type=Path, default=WEIGHTS_DIR / "sar_3d.pt")
     parser.add_argument("--noseg-weights-2d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "sar_noseg_2d.pt")
