@@ -31,9 +31,12 @@ class PairEncoding:
     """What the frozen part of the generator gives for a pair, computed once."""
 
     forward: torch.Tensor  # penultimate features of (reference, floating)
-    backward: torch.Tensor  # penultimate features of (floating, reference), for the cycle term
     reference_map: torch.Tensor  # fused feature map of the reference, (B, 1, *spatial) in [0, 1]
     floating_map: torch.Tensor
+    # Penultimate features of (floating, reference), for the cycle term, of the batch items
+    # ``backward_items`` only: finetuning needs them for the few slices it tunes on.
+    backward: torch.Tensor
+    backward_items: torch.Tensor
 
 
 @dataclass
@@ -71,24 +74,45 @@ ENCODE_CHUNK = 16
 
 
 @torch.no_grad()
-def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor, cancel: CancelCheck | None = None,
-                progress: Callable[[float], None] | None = None, chunk: int = ENCODE_CHUNK) -> PairEncoding:
-    """Run the frozen part of the generator on a pair, ``chunk`` batch items (slices) at a time;
-    ``progress(fraction)`` follows the chunks."""
+def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor, backward_items=None,
+                cancel: CancelCheck | None = None, progress: Callable[[float], None] | None = None,
+                chunk: int = ENCODE_CHUNK) -> PairEncoding:
+    """Run the frozen part of the generator on a pair, ``chunk`` batch items (slices) at a time.
+
+    ``backward_items`` are the batch indices whose backward features are kept (default: all; see
+    :func:`tuned_items` for those finetuning uses). ``progress(fraction)`` follows the chunks.
+    """
     generator = model.generator
     generator._check_input(reference, floating)
-    parts = []
-    for start in range(0, reference.shape[0], chunk):
+    count = reference.shape[0]
+    backward_items = torch.arange(count) if backward_items is None else torch.as_tensor(backward_items).long()
+    parts, backward = [], {}
+    for start in range(0, count, chunk):
         if cancel is not None and cancel():
             raise RegistrationCancelled("Registration cancelled; nothing was written.")
         reference_features, floating_features = generator.encode(reference[start:start + chunk],
                                                                  floating[start:start + chunk])
         parts.append((generator.penultimate(reference_features, floating_features),
-                      generator.penultimate(floating_features, reference_features),
                       generator.fused_map(reference_features), generator.fused_map(floating_features)))
+        wanted = [int(i) for i in backward_items if start <= i < start + chunk]
+        if wanted:
+            local = [i - start for i in wanted]
+            features = generator.penultimate([f[local] for f in floating_features],
+                                             [f[local] for f in reference_features])
+            backward.update(zip(wanted, features))
         if progress is not None:
-            progress(min(start + chunk, reference.shape[0]) / reference.shape[0])
-    return PairEncoding(*(torch.cat(tensors) for tensors in zip(*parts)))
+            progress(min(start + chunk, count) / count)
+    forward, reference_map, floating_map = (torch.cat(tensors) for tensors in zip(*parts))
+    backward_features = torch.stack([backward[int(i)] for i in backward_items]) if len(backward_items) \
+        else forward[:0]
+    return PairEncoding(forward, reference_map, floating_map, backward_features, backward_items)
+
+
+def tuned_items(count: int, settings: "FinetuneSettings") -> torch.Tensor:
+    """The batch items (slices) finetuning tunes on: at most ``settings.max_slices``, evenly spaced."""
+    if count <= settings.max_slices:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, settings.max_slices).round().long()
 
 
 def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torch.Tensor, floating: torch.Tensor,
@@ -105,15 +129,23 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
     generator = model.generator
     head = copy.deepcopy(generator.flow_head).requires_grad_(True)
     optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
-    tuned_on = _evenly_spaced(reference.shape[0], settings.max_slices)
-    encoding_subset = PairEncoding(*(getattr(encoding, name)[tuned_on] for name in PairEncoding.__dataclass_fields__))
+    tuned_on = tuned_items(reference.shape[0], settings)
+    subset = {"forward": encoding.forward[tuned_on], "reference_map": encoding.reference_map[tuned_on],
+              "floating_map": encoding.floating_map[tuned_on]}
+    if settings.weights.cycle:
+        position = {int(item): k for k, item in enumerate(encoding.backward_items)}
+        missing = [int(item) for item in tuned_on if int(item) not in position]
+        if missing:
+            raise ValueError(f"the pair was encoded without the backward features of items {missing}; "
+                             "pass backward_items=tuned_items(...) to encode_pair")
+        subset["backward"] = encoding.backward[[position[int(item)] for item in tuned_on]]
     loss_shape = _loss_grid(reference.shape[2:], settings.max_loss_voxels)
     # Everything but the field is fixed while the last layer is tuned: prepare it once.
     fixed = {
         "reference": downsample(reference[tuned_on], loss_shape),
         "floating": downsample(floating[tuned_on], loss_shape),
-        "reference_mask": downsample(soft_otsu_mask(encoding_subset.reference_map), loss_shape),
-        "floating_mask": downsample(soft_otsu_mask(encoding_subset.floating_map), loss_shape),
+        "reference_mask": downsample(soft_otsu_mask(subset["reference_map"]), loss_shape),
+        "floating_mask": downsample(soft_otsu_mask(subset["floating_map"]), loss_shape),
         "discriminator": model.discriminator, "feature_extractor": model.feature_extractor}
     if ignore_mask is not None:
         fixed["ignore_mask"] = downsample(ignore_mask[tuned_on], loss_shape)
@@ -126,8 +158,8 @@ def finetune_last_layer(model: SARModel, encoding: PairEncoding, reference: torc
         if cancel is not None and cancel():
             raise RegistrationCancelled("Registration cancelled during finetuning; nothing was written.")
         optimiser.zero_grad(set_to_none=True)
-        forward_field = downsample_displacement(generator.field(encoding_subset.forward, head), loss_shape)
-        backward_field = downsample_displacement(generator.field(encoding_subset.backward, head), loss_shape) \
+        forward_field = downsample_displacement(generator.field(subset["forward"], head), loss_shape)
+        backward_field = downsample_displacement(generator.field(subset["backward"], head), loss_shape) \
             if settings.weights.cycle else None
         terms = registration_terms(settings.weights, forward_field=forward_field, backward_field=backward_field,
                                    **fixed)
@@ -152,10 +184,3 @@ def _loss_grid(shape, max_voxels: int) -> tuple:
     while np.prod([-(-n // factor) for n in shape]) > max_voxels:
         factor += 1
     return tuple(-(-n // factor) for n in shape)
-
-
-def _evenly_spaced(count: int, at_most: int) -> torch.Tensor:
-    """Indices of at most ``at_most`` of ``count`` batch items, spread evenly (all when they fit)."""
-    if count <= at_most:
-        return torch.arange(count)
-    return torch.linspace(0, count - 1, at_most).round().long()

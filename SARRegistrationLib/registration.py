@@ -27,7 +27,8 @@ from .deformations import affine_align
 from .fields import displacement_in_voxels, displacement_to_sitk
 from .devices import resolve_device
 from .errors import InputImageError, RegistrationCancelled, SettingsError, WeightsError
-from .finetuning import CancelCheck, FinetuneSettings, ProgressCallback, encode_pair, finetune_last_layer
+from .finetuning import (CancelCheck, FinetuneSettings, ProgressCallback, encode_pair, finetune_last_layer,
+                         tuned_items)
 from .model import SARModel, load_model
 from .networks.generator import otsu_mask
 
@@ -154,15 +155,17 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     reference_input = _network_input(reference, grid, slicewise, torch_device)
     floating_input = _network_input(floating, grid, slicewise, torch_device, prealignment)
 
+    settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
+    if smoothness is not None:
+        settings.weights.smoothness = smoothness
     report(0.05, "encoding the pair")
-    encoding = encode_pair(model, reference_input, floating_input, cancel,
+    # The backward features serve only the cycle term of finetuning, on the slices it tunes on.
+    backward_items = tuned_items(reference_input.shape[0], settings) if finetune and settings.weights.cycle else []
+    encoding = encode_pair(model, reference_input, floating_input, backward_items, cancel,
                            progress=lambda f: report(0.05 + 0.15 * f, "encoding the pair"))
     _check_cancel(cancel)
     iterations, converged = 0, None
     if finetune:
-        settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
-        if smoothness is not None:
-            settings.weights.smoothness = smoothness
         ignore_input = None if ignore_mask is None else \
             _network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
         tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,

@@ -188,3 +188,26 @@ def test_loss_grid_caps_the_voxel_count(shape, expected):
     grid = _loss_grid(shape, 65536)
     assert grid == expected
     assert np.prod(grid) <= 65536
+
+
+def test_backward_features_of_the_tuned_slices_alone_give_the_same_result(loaded_model, real_pair):
+    """Registration encodes the backward pass only for the slices finetuning tunes on."""
+    from SARRegistrationLib.finetuning import tuned_items
+
+    reference, floating = real_pair
+    reference = torch.cat([torch.roll(reference, s, dims=-1) for s in range(10)])
+    floating = torch.cat([torch.roll(floating, s, dims=-2) for s in range(10)])
+    settings = FinetuneSettings(max_iterations=3, tolerance=0.0)
+    settings.max_slices = 4
+    items = tuned_items(10, settings)
+    assert items.tolist() == [0, 3, 6, 9]
+    everything = encode_pair(loaded_model, reference, floating, chunk=3)
+    only_tuned = encode_pair(loaded_model, reference, floating, items, chunk=3)
+    torch.testing.assert_close(only_tuned.backward, everything.backward[items])
+    torch.testing.assert_close(only_tuned.forward, everything.forward)
+    full = finetune_last_layer(loaded_model, everything, reference, floating, settings)
+    lean = finetune_last_layer(loaded_model, only_tuned, reference, floating, settings)
+    assert full.losses == lean.losses
+    with pytest.raises(ValueError, match="without the backward features of items"):
+        finetune_last_layer(loaded_model, encode_pair(loaded_model, reference, floating, []), reference, floating,
+                            settings)
