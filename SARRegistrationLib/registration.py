@@ -75,12 +75,10 @@ class RegistrationResult:
         what the middle slice's Jacobian needs; the folded fraction of the title is the whole field's.
         """
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
-        rows = _middle_rows(reference)
-        # Slicing a SimpleITK image along k keeps its physical geometry.
-        slab = (lambda image: image[:, :, rows]) if reference.GetDimension() == 3 else (lambda image: image)
-        arrays = {"reference": imageio.array_of(slab(reference)),
-                  "floating": imageio.array_of(imageio.resample_to(floating, slab(reference))),
-                  "warped": imageio.array_of(slab(self.warped)),
+        rows, reference_slab = _middle_rows(reference), _middle_slab(reference)
+        arrays = {"reference": imageio.array_of(reference_slab),
+                  "floating": imageio.array_of(imageio.resample_to(floating, reference_slab)),
+                  "warped": imageio.array_of(_middle_slab(self.warped)),
                   "displacement": displacement_in_voxels(self.displacement, rows),
                   "folded_fraction": self.metrics["folding_fraction"]}
         return {**arrays, **{name: mask[rows] for name, mask in self.qa_inputs.get("masks", {}).items()}}
@@ -313,6 +311,12 @@ def _middle_rows(image: sitk.Image) -> slice:
         return slice(None)
     middle, depth = image.GetSize()[2] // 2, image.GetSize()[2]
     return slice(max(middle - 1, 0), min(middle + 2, depth))
+
+
+def _middle_slab(image: sitk.Image) -> sitk.Image:
+    """:func:`_middle_rows` of a volume as an image (slicing keeps the physical position of its
+    voxels), or a 2D image whole."""
+    return image[:, :, _middle_rows(image)] if image.GetDimension() == 3 else image
 
 
 def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool) -> sitk.Image:

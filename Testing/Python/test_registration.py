@@ -432,3 +432,24 @@ def test_cancel_while_the_outputs_are_made(volume, monkeypatch):
                  progress=lambda fraction, message: messages.append(message),
                  cancel=lambda: "warping the floating image" in messages)
     assert messages[-1] == "warping the floating image"  # stopped after the first slab of the warp
+
+
+def test_3d_qa_figure_is_drawn_from_the_middle_slab(tmp_path, volume):
+    """The QA arrays of a volume are its middle slices; their Jacobian there is the whole field's."""
+    from SARRegistrationLib import metrics
+    from SARRegistrationLib.fields import transform_to_displacement
+
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
+    mask = sitk.Cast(volume > float(np.percentile(sitk.GetArrayViewFromImage(volume), 90)), sitk.sitkUInt8)
+    model = perturb_head(tiny_model(3), bias=[0.5, 1.0, -1.5], weight_std=0.05)
+    result = register(volume, floating, model, reference_mask=mask, floating_mask=mask, mode="volume",
+                      device="cpu", max_iterations=2)
+    arrays = result._qa_arrays()
+    middle = volume.GetSize()[2] // 2  # 15 slices: the middle is 7, the slab 6..8
+    assert arrays["reference"].shape == (3, 32, 32) and arrays["warped_mask"].shape == (3, 32, 32)
+    np.testing.assert_array_equal(arrays["reference"], sitk.GetArrayFromImage(volume)[middle - 1:middle + 2])
+    whole = metrics.jacobian_determinant(transform_to_displacement(result.transform(), volume))
+    np.testing.assert_allclose(metrics.jacobian_determinant(arrays["displacement"])[1], whole[middle], atol=1e-9)
+    assert arrays["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
+    result.save(tmp_path / "out")
+    assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
