@@ -241,11 +241,12 @@ def staged_output_dir(output_dir):
     if not created and not output_dir.is_dir():
         raise OutputError(f"The output folder {str(output_dir)!r} is a file, not a folder; choose another name.")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        staging = tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-")
-    except OSError as error:
-        raise OutputError(f"The output folder {str(output_dir)!r} cannot be written: {error.strerror or error}.") from None
-    try:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.TemporaryDirectory(dir=output_dir, prefix=".sar-partial-")
+        except OSError as error:
+            raise OutputError(f"The output folder {str(output_dir)!r} cannot be written: "
+                              f"{error.strerror or error}.") from None
         with staging as folder:
             try:
                 yield Path(folder)

@@ -313,3 +313,15 @@ def test_working_grid_of_thick_slices_is_nearly_isotropic():
     assert grid.GetSize() == (64, 64, 32)
     np.testing.assert_allclose(grid.GetSpacing(), (4.0, 4.0, 150.0 / 32))
     np.testing.assert_allclose(corner_points(grid), corner_points(reference), atol=1e-9)
+
+
+def test_unwritable_output_folder_is_an_output_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(imageio.tempfile, "TemporaryDirectory", refuse)
+    output = tmp_path / "out"
+    with pytest.raises(OutputError, match="cannot be written: Permission denied"):
+        with imageio.staged_output_dir(output):
+            pytest.fail("the block must not run")
+    assert not output.exists()
