@@ -119,10 +119,22 @@ class Method:
     def run(self, pair: Pair) -> MethodOutput:
         raise NotImplementedError
 
+    # The attribute that bounds a run's iterations and the small value a warm-up needs, if any.
+    warm_up_setting: tuple[str, object] | None = None
+
     def warm_up(self, pair: Pair) -> None:
         """An untimed run on a small pair so that one-time costs (lazy imports, first kernels) are
-        not charged to the first timed pair."""
-        self.run(pair)
+        not charged to the first timed pair; with ``warm_up_setting``, a run of few iterations."""
+        if self.warm_up_setting is None:
+            self.run(pair)
+            return
+        name, quick = self.warm_up_setting
+        saved = getattr(self, name)
+        setattr(self, name, quick)
+        try:
+            self.run(pair)
+        finally:
+            setattr(self, name, saved)
 
     def settings(self) -> dict:
         return {}
@@ -142,6 +154,8 @@ class Before(Method):
 
 class SARMethod(Method):
     """SAR through :func:`SARRegistrationLib.register`, with or without last-layer finetuning."""
+
+    warm_up_setting = ("max_iterations", 2)
 
     def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True, mode: str = "volume",
                  max_iterations: int = 100, device: str = "auto"):
@@ -169,13 +183,6 @@ class SARMethod(Method):
         seconds = time.perf_counter() - started
         return MethodOutput(result.displacement, seconds,
                             {"iterations": result.metrics["iterations"], "converged": result.metrics["converged"]})
-
-    def warm_up(self, pair: Pair) -> None:
-        saved, self.max_iterations = self.max_iterations, 2
-        try:
-            self.run(pair)
-        finally:
-            self.max_iterations = saved
 
     def settings(self) -> dict:
         return {"weights": display_path(self.weights), "finetune": self.finetune, "mode": self.mode,
@@ -218,6 +225,8 @@ class ElastixBSpline(Method):
 
     key, label = "elastix", "Elastix B-spline (MI)"
 
+    warm_up_setting = ("iterations", 2)
+
     def __init__(self, *, grid_spacing_mm: float = 10.0, resolutions: int = 4, iterations: int = 256,
                  threads: int | None = None, seed: int = 0):
         self.grid_spacing_mm, self.resolutions, self.iterations = grid_spacing_mm, resolutions, iterations
@@ -258,13 +267,6 @@ class ElastixBSpline(Method):
                                                            output_directory=folder))
         return MethodOutput(field_mm, seconds, {"native_mask": sitk.Cast(native > 0.5, sitk.sitkUInt8)})
 
-    def warm_up(self, pair: Pair) -> None:
-        saved, self.iterations = self.iterations, 2
-        try:
-            self.run(pair)
-        finally:
-            self.iterations = saved
-
     def settings(self) -> dict:
         return {"parameter_map": "default 'bspline' (AdvancedMattesMutualInformation + TransformBendingEnergyPenalty)",
                 "final_grid_spacing_mm": self.grid_spacing_mm, "resolutions": self.resolutions,
@@ -285,6 +287,8 @@ class AntsSyN(Method):
     """
 
     key, label = "ants", "ANTs SyN (MI)"
+
+    warm_up_setting = ("reg_iterations", (2, 0, 0))
 
     def __init__(self, *, reg_iterations=(40, 20, 0), seed: int = 0):
         self.reg_iterations = tuple(int(n) for n in reg_iterations)
@@ -321,13 +325,6 @@ class AntsSyN(Method):
             ants.image_write(native, str(folder / "native_mask.nrrd"))
             native_mask = sitk.Cast(sitk.ReadImage(str(folder / "native_mask.nrrd")) > 0.5, sitk.sitkUInt8)
         return MethodOutput(field_mm, seconds, {"native_mask": native_mask})
-
-    def warm_up(self, pair: Pair) -> None:
-        saved, self.reg_iterations = self.reg_iterations, (2, 0, 0)
-        try:
-            self.run(pair)
-        finally:
-            self.reg_iterations = saved
 
     def settings(self) -> dict:
         return {"type_of_transform": "SyN", "aff_metric": "mattes", "syn_metric": "mattes",

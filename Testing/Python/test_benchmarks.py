@@ -141,3 +141,12 @@ def test_speed_benchmark_writes_its_table(tmp_path):
     assert markdown.count("timing only, untrained weights") >= 2 and "(1 threads)" in markdown
     assert [row["target_s"] for row in saved["rows"]] == [1.0, 1.0, 10.0, 10.0, 10.0, 10.0]
     assert (output / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_warm_up_runs_few_iterations_and_restores_the_setting(tiny_pair, tiny_weights, monkeypatch):
+    method = baselines.SARMethod("sar", "SAR", tiny_weights, 2, max_iterations=50, device="cpu")
+    method.prepare()
+    seen = []
+    monkeypatch.setattr(method, "run", lambda pair: seen.append(method.max_iterations))
+    method.warm_up(tiny_pair[0])
+    assert seen == [2] and method.max_iterations == 50
