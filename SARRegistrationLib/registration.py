@@ -150,8 +150,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     # Slices run along SimpleITK's k axis (array axis 0): that axis keeps its voxel count.
     grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ())
     overlap = imageio.check_overlap(grid, reference, floating, prealignment)
-    reference_input = _network_input(reference, grid, slicewise, torch_device)
-    floating_input = _network_input(floating, grid, slicewise, torch_device, prealignment)
+    reference_input = network_input(reference, grid, slicewise, torch_device)
+    floating_input = network_input(floating, grid, slicewise, torch_device, prealignment)
 
     settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
     if smoothness is not None:
@@ -165,7 +165,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     iterations, converged = 0, None
     if finetune:
         ignore_input = None if ignore_mask is None else \
-            _network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
+            network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
         tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
                                     progress=lambda f, message: report(0.2 + 0.7 * f, message), cancel=cancel,
                                     ignore_mask=ignore_input)
@@ -176,7 +176,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     _check_cancel(cancel)
 
     report(0.92, "resampling the outputs")
-    working_field = displacement_to_sitk(_voxel_field(displacement, slicewise), grid)
+    working_field = displacement_to_sitk(voxel_field(displacement, slicewise), grid)
     field_mm = _in_slabs(reference, lambda slab: sitk.Resample(
         working_field, slab, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True),
         cancel, lambda f: report(0.92 + 0.03 * f, "resampling the field"))
@@ -231,9 +231,11 @@ def _as_image(source, role: str, mask: bool = False):
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
 
 
-def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None,
+def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None,
                    normalise: bool = True) -> torch.Tensor:
     """``(B, 1, *spatial)`` in [0, 1] on the working grid; the slices are the batch in slice-wise mode.
+
+    What the network is given; the benchmark's VoxelMorph row uses it too, so both see the same.
 
     Images are intensity-normalised; a 0/1 mask (``normalise=False``) becomes the fraction of each
     working voxel it covers, by linear resampling.
@@ -246,7 +248,7 @@ def _network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device,
     return tensor.to(device)
 
 
-def _voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:
+def voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:
     """The network's field as ``(ndims, *spatial)`` voxels of the working grid."""
     field_array = displacement.detach().cpu().numpy().astype(np.float64)
     if not slicewise:

@@ -99,14 +99,6 @@ def field_on_reference(field_image: sitk.Image, reference: sitk.Image) -> sitk.I
     return sitk.Resample(field_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
 
 
-def network_input(image: sitk.Image, grid: sitk.Image):
-    """``(1, 1, *spatial)`` float tensor in [0, 1] on ``grid``: what SAR's network is given too."""
-    import torch
-
-    array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
-    return torch.from_numpy(np.ascontiguousarray(array))[None, None]
-
-
 class Method:
     """A benchmark row: ``prepare()`` once (may raise :class:`NotRun`), then ``run(pair)`` per pair."""
 
@@ -440,20 +432,18 @@ class VoxelMorphMethod(Method):
     def run(self, pair: Pair) -> MethodOutput:
         import torch
 
-        # register's own conversion of a (slice) batch of voxel fields to (ndims, *spatial)
-        from SARRegistrationLib.registration import _voxel_field
+        # register's own network inputs and conversion of a (slice) batch of voxel fields
+        from SARRegistrationLib.registration import network_input, voxel_field
 
         slicewise = self.mode == "slicewise" and pair.reference.GetDimension() == 3
         started = time.perf_counter()
         grid = imageio.working_grid(pair.reference, int(self.config["working_size"]),
                                     keep_axes=(2,) if slicewise else ())
-        reference = network_input(pair.reference, grid).to(self.device)
-        floating = network_input(pair.floating, grid).to(self.device)
-        if slicewise:  # (1, 1, slices, H, W) -> (slices, 1, H, W)
-            reference, floating = reference[0].transpose(0, 1), floating[0].transpose(0, 1)
+        reference = network_input(pair.reference, grid, slicewise, self.device)
+        floating = network_input(pair.floating, grid, slicewise, self.device)
         with torch.no_grad():
             displacement, _, _ = voxelmorph_forward(self.model, floating, reference, pad_multiple(self.config))
-        field_mm = sitk.Resample(displacement_to_sitk(_voxel_field(displacement, slicewise), grid), pair.reference,
+        field_mm = sitk.Resample(displacement_to_sitk(voxel_field(displacement, slicewise), grid), pair.reference,
                                  sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
         seconds = time.perf_counter() - started
         return MethodOutput(field_mm, seconds)
