@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--vgg16-weights", type=Path,
                        help="local torchvision VGG16 weights (vgg16-397923af.pth) for the feature-map distance "
                             "instead of the project's own feature extractor")
+    train.add_argument("--init-from", type=Path,
+                       help="weights to start from: a model of the same dimension, or 2D weights that a 3D model "
+                            "starts from by inflating their kernels (no feature stage then)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
     train.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
@@ -154,6 +157,7 @@ def _run_train(args) -> int:
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
                                 gan_steps=args.gan_steps, diffeomorphic=args.diffeomorphic, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, weights=weights, working_size=args.working_size,
+                                init_from=str(args.init_from) if args.init_from else None,
                                 vgg16_weights=str(args.vgg16_weights) if args.vgg16_weights else None)
     command = "python -m SARRegistrationLib " + shlex.join(sys.argv[1:])
     train(settings, dataset, args.output, resume=args.resume, device=resolve_device(args.device),

@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import losses
-from .errors import RegistrationCancelled
+from .errors import RegistrationCancelled, WeightsError
 from .finetuning import CancelCheck
+from .inflation import inflate_to_3d
 from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of
 from .networks.generator import soft_otsu_mask
 from .objective import LossWeights, registration_terms, total_loss
@@ -60,6 +61,7 @@ class TrainingSettings:
     diffeomorphic: bool = False
     vgg16_weights: str | None = None  # a local torchvision VGG16 file; no feature stage then
     working_size: int | None = None  # largest axis of the grid registration will use; default max(shape)
+    init_from: str | None = None  # weights to start from: same dimension, or 2D weights inflated to 3D
     seed: int = 0
     checkpoint_every: int = 100
     weights: LossWeights = field(default_factory=LossWeights)
@@ -91,11 +93,9 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     """
     rank, world_size, device = _distributed_setup(torch.device(device))
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
-    if settings.vgg16_weights:  # ImageNet VGG16 comes trained: no feature stage
+    if settings.vgg16_weights or settings.init_from:  # the feature extractor comes trained: no feature stage
         settings = replace(settings, feature_steps=0)
-    model = SARModel.create(settings.ndims, settings.working_size or max(settings.shape), settings.generator_channels,
-                            settings.discriminator_width, settings.feature_channels, settings.diffeomorphic,
-                            settings.vgg16_weights)
+    model = initial_model(settings)
     history, start = [], 0
     checkpoint = checkpoint_path_for(output_path)
     resumed = read_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
@@ -143,6 +143,33 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     if world_size > 1:
         dist.barrier()
     return model.eval()
+
+
+def initial_model(settings: TrainingSettings) -> SARModel:
+    """The model training starts from: new, or the weights of ``settings.init_from``.
+
+    2D weights given for a 3D model are inflated (:mod:`inflation`), so the 3D model starts from
+    what the 2D one learnt instead of from random weights.
+    """
+    working_size = settings.working_size or max(settings.shape)
+    if not settings.init_from:
+        return SARModel.create(settings.ndims, working_size, settings.generator_channels, settings.discriminator_width,
+                               settings.feature_channels, settings.diffeomorphic, settings.vgg16_weights)
+    model = model_from_state(read_checkpoint(settings.init_from))
+    if model.ndims == 2 and settings.ndims == 3:
+        model = inflate_to_3d(model, working_size)
+    elif model.ndims != settings.ndims:
+        raise WeightsError(f"{settings.init_from} holds a {model.ndims}D model; a {settings.ndims}D model can start "
+                           "only from weights of its own dimension, or from 2D weights (inflated).")
+    else:
+        model.working_size = working_size
+    if (list(model.generator.channels), model.generator.diffeomorphic) != \
+            (list(settings.generator_channels), settings.diffeomorphic):
+        raise WeightsError(f"{settings.init_from} has generator channels {list(model.generator.channels)} "
+                           f"(diffeomorphic: {model.generator.diffeomorphic}); the settings ask for "
+                           f"{list(settings.generator_channels)} (diffeomorphic: {settings.diffeomorphic}).")
+    model.metadata = {}
+    return model
 
 
 class _GeneratorPass(nn.Module):
@@ -303,7 +330,9 @@ def _model_card(settings: TrainingSettings, history: list, data_description: str
     for record in history:  # the last value of every logged loss, per stage
         final.setdefault(record["stage"], {}).update({k: v for k, v in record.items() if k not in ("step", "stage")})
     settings_dict = asdict(settings)
-    return {"training_data": data_description, "command": command, "seed": settings.seed,
+    start = {"initialised_from": {"file": Path(settings.init_from).name, "sha256": sha256_of(settings.init_from)}} \
+        if settings.init_from else {}
+    return {"training_data": data_description, "command": command, "seed": settings.seed, **start,
             "steps": {"feature": settings.feature_steps, "pretrain": settings.pretrain_steps, "gan": settings.gan_steps},
             "final_losses": final, "settings": json.loads(json.dumps(settings_dict, default=list)),
             "date": datetime.date.today().isoformat()}
