@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--feature-steps", type=int, default=200)
     train.add_argument("--pretrain-steps", type=int, default=500)
     train.add_argument("--gan-steps", type=int, default=1000)
+    train.add_argument("--pretrain-learning-rate", type=float, default=1e-3)
+    train.add_argument("--gan-learning-rate", type=float, default=1e-4)
     train.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     train.add_argument("--no-segmentation", action="store_true", help="SAR-NoSeg: no segmentation loss terms")
     train.add_argument("--diffeomorphic", action="store_true", help="velocity field integrated by scaling and squaring")
@@ -155,7 +157,8 @@ def _run_train(args) -> int:
     weights = LossWeights().without_segmentation() if args.no_segmentation else LossWeights()
     settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
-                                gan_steps=args.gan_steps, diffeomorphic=args.diffeomorphic, seed=args.seed,
+                                gan_steps=args.gan_steps, pretrain_learning_rate=args.pretrain_learning_rate,
+                                gan_learning_rate=args.gan_learning_rate, diffeomorphic=args.diffeomorphic, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, weights=weights, working_size=args.working_size,
                                 init_from=str(args.init_from) if args.init_from else None,
                                 vgg16_weights=str(args.vgg16_weights) if args.vgg16_weights else None)

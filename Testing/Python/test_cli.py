@@ -18,7 +18,7 @@ from helpers import one_torch_thread, small_label, small_pair_2d, tiny_model  # 
 from SARRegistrationLib import cli, training
 from SARRegistrationLib.datasets import SyntheticPairDataset
 from SARRegistrationLib.errors import RegistrationCancelled
-from SARRegistrationLib.model import load_model, read_checkpoint, save_model
+from SARRegistrationLib.model import SARModel, load_model, read_checkpoint, save_model
 
 REPO = Path(__file__).resolve().parents[2]
 FIVE_OUTPUTS = ["displacement.nrrd", "floating_mask.nrrd", "metrics.json", "reference_mask.nrrd", "warped.nrrd"]
@@ -109,7 +109,8 @@ def test_train_writes_weights_and_model_card(tmp_path, data_dir, capsys):
     output = tmp_path / "model" / "sar_test.pt"
     args = ["train", "--images", str(data_dir / "rat_lung_1.nrrd"), "--synthetic", "2", "--ndims", "2",
             "--shape", "32", "32", "--epoch-length", "2", "--batch-size", "2", "--feature-steps", "1",
-            "--pretrain-steps", "1", "--gan-steps", "1", "--device", "cpu", "--output", str(output)]
+            "--pretrain-steps", "1", "--gan-steps", "1", "--pretrain-learning-rate", "5e-4", "--device", "cpu",
+            "--output", str(output)]
     assert cli.main(args) == 0
     assert "wrote" in capsys.readouterr().out
     card_path = output.with_suffix(".json")
@@ -120,8 +121,27 @@ def test_train_writes_weights_and_model_card(tmp_path, data_dir, capsys):
     assert card["steps"] == {"feature": 1, "pretrain": 1, "gan": 1}
     assert set(card["final_losses"]) == {"feature", "pretrain", "gan"}
     assert "rat_lung_1.nrrd" in card["training_data"]
+    assert card["settings"]["pretrain_learning_rate"] == 5e-4
+    assert "initialised_from" not in card
     model = load_model(output)  # passes the card's hash check
     assert model.ndims == 2 and model.working_size == 32
+
+
+def test_train_3d_from_2d_weights(tmp_path, capsys):
+    """--init-from with 2D weights trains a 3D model from their inflation; a 3D start for 2D is refused."""
+    torch.manual_seed(0)
+    planar = save_model(SARModel.create(2, 16), tmp_path / "planar.pt")
+    output = tmp_path / "sar_3d.pt"
+    common = ["--synthetic", "2", "--batch-size", "2", "--pretrain-steps", "1", "--gan-steps", "0", "--device", "cpu"]
+    assert cli.main(["train", "--ndims", "3", "--shape", "16", "16", "16", "--init-from", str(planar), *common,
+                     "--output", str(output)]) == 0
+    card = json.loads(output.with_suffix(".json").read_text())
+    assert card["initialised_from"]["file"] == "planar.pt" and card["steps"]["feature"] == 0
+    assert load_model(output, ndims=3).ndims == 3
+    assert cli.main(["train", "--ndims", "2", "--shape", "16", "16", "--init-from", str(output), *common,
+                     "--output", str(tmp_path / "back.pt")]) == 2
+    assert "3D model; a 2D model can start only" in capsys.readouterr().err
+    assert not (tmp_path / "back.pt").exists()
 
 
 def test_train_rejects_bad_arguments(tmp_path, capsys):
