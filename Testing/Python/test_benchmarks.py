@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import one_torch_thread, tiny_model  # noqa: F401 - one_torch_thread is an autouse fixture
 
@@ -150,3 +151,20 @@ def test_warm_up_runs_few_iterations_and_restores_the_setting(tiny_pair, tiny_we
     monkeypatch.setattr(method, "run", lambda pair: seen.append(method.max_iterations))
     method.warm_up(tiny_pair[0])
     assert seen == [2] and method.max_iterations == 50
+
+
+def test_synthetic_field_error_scores_zero_field_and_weights(tmp_path):
+    """The 3D training check: a zero field is scored against the true fields, per component."""
+    from benchmarks import synthetic_field_error
+
+    weights = save_model(tiny_model(3, working_size=16), tmp_path / "tiny_3d.pt")
+    output = tmp_path / "table.md"
+    assert synthetic_field_error.main([str(weights), "--pairs", "2", "--shape", "16", "16", "16", "--threads", "1",
+                                       "--output", str(output)]) == 0
+    lines = output.read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["zero field", "tiny_3d.pt"]
+    pairs = synthetic_field_error.held_out_pairs(2, 777, (16, 16, 16), 8.0)
+    zero = synthetic_field_error.field_errors(torch.zeros_like(pairs["displacement"]), pairs["displacement"])
+    assert zero["all"] > 0 and f"{zero['all']:.3f}" in lines[2]
+    perfect = synthetic_field_error.field_errors(pairs["displacement"], pairs["displacement"])
+    assert perfect == {"all": 0.0, "z": 0.0, "in-plane": 0.0}
