@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .fields import transform_to_displacement
-from .imageio import normalize_intensity
+from .imageio import array_of, image_like, normalize_intensity
 
 # ---------------------------------------------------------------------------------------------
 # Random transforms
@@ -54,6 +54,24 @@ def random_bspline_transform(image: sitk.Image, rng: np.random.Generator, max_di
     # is the C order of the (z, y, x) array.
     transform.SetParameters(coefficients.ravel().tolist())
     return transform
+
+
+def known_deformation(image: sitk.Image, mask: sitk.Image | None, rng: np.random.Generator,
+                      max_displacement_mm: float, remap_intensity: bool = False):
+    """``image`` and ``mask`` moved by a seeded random B-spline, for tests of registration accuracy.
+
+    Returns ``(moved image, moved mask or None, transform)``: the image float32 (linear
+    interpolation, 0 outside), the mask by nearest neighbour, and the B-spline, whose field is what
+    a registration of the original to the moved image should recover. With ``remap_intensity`` the
+    moved image also gets a random contrast remapping, so the pair differs as two MR sequences do.
+    """
+    transform = random_bspline_transform(image, rng, max_displacement_mm)
+    moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moved_mask = None if mask is None else sitk.Resample(mask, mask, transform, sitk.sitkNearestNeighbor, 0)
+    if remap_intensity:
+        remapped = augment_intensity(normalize_intensity(array_of(moved)), rng, 1.0)
+        moved = image_like(remapped.astype(np.float32), moved)
+    return moved, moved_mask, transform
 
 
 def image_centre(image: sitk.Image) -> tuple[float, ...]:

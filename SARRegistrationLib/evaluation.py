@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import imageio
-from .deformations import augment_intensity, random_bspline_transform
+from .deformations import known_deformation
 from .devices import resolve_device
 from .model import load_model
 from .registration import register
@@ -41,13 +41,8 @@ def evaluate_known_deformations(images, masks=None, *, pairs_per_image: int = 3,
             models[ndims] = load_model(weights, ndims, torch_device)
         for pair in range(pairs_per_image):
             rng = np.random.default_rng((seed, index, pair))
-            transform = random_bspline_transform(floating, rng, max_displacement_mm)
-            reference = sitk.Resample(floating, transform, sitk.sitkLinear, 0.0)
-            if contrast_change:
-                remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(reference)), rng, 1.0)
-                reference = imageio.image_like(remapped, reference)
-            reference_mask = None if floating_mask is None else \
-                sitk.Resample(floating_mask, transform, sitk.sitkNearestNeighbor, 0)
+            reference, reference_mask, transform = known_deformation(floating, floating_mask, rng, max_displacement_mm,
+                                                                     remap_intensity=contrast_change)
             result = register(reference, floating, models[ndims], reference_mask=reference_mask,
                               floating_mask=floating_mask, mode=mode, device=torch_device, **register_options)
             applied = imageio.array_of(sitk.TransformToDisplacementField(

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from SARRegistrationLib import imageio, metrics  # noqa: E402
-from SARRegistrationLib.deformations import augment_intensity, random_bspline_transform  # noqa: E402
+from SARRegistrationLib.deformations import known_deformation  # noqa: E402
 from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
@@ -94,12 +94,8 @@ def brain_pairs(ndims: int, count: int, seed: int = 0, max_displacement_mm: floa
     pairs = []
     for index in range(count):
         rng = np.random.default_rng((seed, ndims, index))
-        transform = random_bspline_transform(base, rng, max_displacement_mm)
-        floating = sitk.Resample(base, base, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        floating_mask = sitk.Resample(mask, mask, transform, sitk.sitkNearestNeighbor, 0)
-        if ndims == 3 and intensity_remap:
-            remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(floating)), rng, 1.0)
-            floating = imageio.image_like(remapped.astype(np.float32), floating)
+        floating, floating_mask, _ = known_deformation(base, mask, rng, max_displacement_mm,
+                                                       remap_intensity=ndims == 3 and intensity_remap)
         pairs.append(Pair(f"{ndims}D", index, reference, floating, mask, floating_mask))
     return pairs
 

@@ -267,3 +267,24 @@ def test_synthetic_sample(shape, spacing):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again_mask), structure)
     pair = deformations.make_training_pair(image, mask, np.random.default_rng(0), max_displacement_mm=4.0)
     assert pair["displacement"].shape == (len(shape), *shape)
+
+
+def test_known_deformation_moves_image_and_mask_by_the_returned_transform(read_test_image):
+    """The moved image is the float image sampled through the returned B-spline (no rounding to the
+    input's integer type), the mask follows it, and the contrast remapping leaves the geometry alone."""
+    image = read_test_image("brain_t1.nrrd")  # uint8
+    mask = sitk.Cast(read_test_image("brain_ventricles.nrrd") != 0, sitk.sitkUInt8)
+    moved, moved_mask, transform = deformations.known_deformation(image, mask, np.random.default_rng(3), 6.0)
+    assert moved.GetPixelID() == sitk.sitkFloat32
+    expected = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), image, transform, sitk.sitkLinear, 0.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(expected))
+    assert not np.array_equal(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(image).astype(np.float32))
+    moved_labels = sitk.GetArrayFromImage(moved_mask)
+    assert set(np.unique(moved_labels)) == {0, 1}
+    assert not np.array_equal(moved_labels, sitk.GetArrayFromImage(mask))
+
+    remapped, remapped_mask, same = deformations.known_deformation(image, None, np.random.default_rng(3), 6.0,
+                                                                   remap_intensity=True)
+    assert remapped_mask is None
+    assert same.GetParameters() == transform.GetParameters()
+    assert not np.allclose(sitk.GetArrayFromImage(remapped), sitk.GetArrayFromImage(moved))

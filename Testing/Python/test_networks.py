@@ -1,6 +1,5 @@
 """Tests of the SAR generator and discriminator (SARRegistrationLib.networks)."""
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
