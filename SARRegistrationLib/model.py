@@ -96,11 +96,16 @@ def sha256_of(path) -> str:
 
 def save_model(model: SARModel, path, extra: dict | None = None) -> Path:
     """Write the model (and ``extra`` training state) atomically: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state()
     if extra:
         state["training"] = extra
+    return save_state(state, path)
+
+
+def save_state(state: dict, path) -> Path:
+    """``torch.save`` a dictionary of weights atomically: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(descriptor)
     try:
@@ -111,6 +116,16 @@ def save_model(model: SARModel, path, extra: dict | None = None) -> Path:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def write_model_card(weights_path, metadata: dict) -> Path:
+    """Write the JSON model card beside a weights file, with the file's SHA-256."""
+    weights_path = Path(weights_path)
+    card = {**metadata, "weights_file": weights_path.name, "sha256": sha256_of(weights_path)}
+    card.pop("weights_path", None)
+    card_path = weights_path.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
 
 
 def read_checkpoint(path) -> dict:

@@ -38,7 +38,7 @@ from . import losses
 from .errors import RegistrationCancelled, WeightsError
 from .finetuning import CancelCheck
 from .inflation import inflate_to_3d
-from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of
+from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of, write_model_card
 from .networks.generator import soft_otsu_mask
 from .objective import LossWeights, registration_terms, total_loss
 from .spatial import warp
@@ -336,13 +336,3 @@ def _model_card(settings: TrainingSettings, history: list, data_description: str
             "steps": {"feature": settings.feature_steps, "pretrain": settings.pretrain_steps, "gan": settings.gan_steps},
             "final_losses": final, "settings": json.loads(json.dumps(settings_dict, default=list)),
             "date": datetime.date.today().isoformat()}
-
-
-def write_model_card(weights_path, metadata: dict) -> Path:
-    """Write the JSON model card beside a weights file, with the file's SHA-256."""
-    weights_path = Path(weights_path)
-    card = {**metadata, "weights_file": weights_path.name, "sha256": sha256_of(weights_path)}
-    card.pop("weights_path", None)
-    card_path = weights_path.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return card_path

@@ -24,8 +24,6 @@ method is prepared; a missing one raises :class:`NotRun`, which the benchmark re
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -365,25 +363,12 @@ def voxelmorph_forward(model, floating, reference, multiple: int):
 
 def save_voxelmorph(path, model, config: dict, card: dict) -> Path:
     """Write the weights (plain tensors and a config, readable with ``weights_only=True``) and a JSON card."""
-    import hashlib
+    from SARRegistrationLib.model import save_state, write_model_card
 
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": VOXELMORPH_FORMAT, "config": config,
              "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}}
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(descriptor)
-    try:
-        torch.save(state, temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    card = {**card, "weights_file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    path = save_state(state, path)
+    write_model_card(path, card)
     return path
 
 
