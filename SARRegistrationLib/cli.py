@@ -142,7 +142,6 @@ def _run_register(args) -> int:
 
 
 def _run_train(args) -> int:
-    from . import datasets
     from .objective import LossWeights
     from .training import TrainingSettings, train
 
@@ -150,10 +149,7 @@ def _run_train(args) -> int:
         raise SARError("Give training images with --images, or synthetic pairs with --synthetic N (or both).")
     if len(args.shape) != args.ndims:
         raise SARError(f"--shape needs {args.ndims} numbers for --ndims {args.ndims}.")
-    sources, description = datasets.training_sources(args.images, args.masks, use_training_fold=args.split)
-    dataset = datasets.training_dataset(sources, tuple(args.shape), args.epoch_length, args.synthetic,
-                                        seed=args.seed, max_displacement_mm=args.max_displacement_mm,
-                                        contrast_remap=args.contrast_remap)
+    dataset, description = training_data(args)
     weights = LossWeights().without_segmentation() if args.no_segmentation else LossWeights()
     settings = TrainingSettings(ndims=args.ndims, shape=tuple(args.shape), batch_size=args.batch_size,
                                 feature_steps=args.feature_steps, pretrain_steps=args.pretrain_steps,
@@ -164,10 +160,24 @@ def _run_train(args) -> int:
                                 vgg16_weights=str(args.vgg16_weights) if args.vgg16_weights else None)
     command = "python -m SARRegistrationLib " + shlex.join(sys.argv[1:])
     train(settings, dataset, args.output, resume=args.resume, device=resolve_device(args.device),
-          data_description=description + (f"; {args.synthetic} synthetic label-map pairs per epoch" if args.synthetic else ""),
+          data_description=description,
           command=command)
     print(f"wrote {args.output} and {args.output.with_suffix('.json')}")
     return 0
+
+
+def training_data(args):
+    """The training pairs that ``train`` arguments ask for, and their one-line description for the
+    model card. The VoxelMorph baseline rebuilds SAR's pairs from its card's command with it."""
+    from . import datasets
+
+    sources, description = datasets.training_sources(args.images, args.masks, use_training_fold=args.split)
+    dataset = datasets.training_dataset(sources, tuple(args.shape), args.epoch_length, args.synthetic,
+                                        seed=args.seed, max_displacement_mm=args.max_displacement_mm,
+                                        contrast_remap=args.contrast_remap)
+    if args.synthetic:
+        description += f"; {args.synthetic} synthetic label-map pairs per epoch"
+    return dataset, description
 
 
 def _run_evaluate(args) -> int:

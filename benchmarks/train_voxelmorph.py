@@ -5,9 +5,9 @@
 
 The SAR model card (written by ``python -m SARRegistrationLib train``) records the training
 command and settings. This script parses them and builds the very same training pairs with
-``SARRegistrationLib.datasets.training_sources`` / ``training_dataset`` (same images, masks
-folder, training fold, synthetic count, working shape, epoch length, maximum displacement and
-seed), draws the batches in the same seeded order as SAR's trainer, and trains for the same number
+``SARRegistrationLib.cli.training_data``, the code of ``train`` itself (same images, masks
+folder, training fold, synthetic count, working shape, epoch length, maximum displacement,
+contrast remapping and seed), draws the batches in the same seeded order as SAR's trainer, and trains for the same number
 of steps (feature + pre-training + GAN steps of the card) at the same batch size, so both networks
 see the same pairs.
 
@@ -47,9 +47,10 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from SARRegistrationLib import datasets  # noqa: E402
+from SARRegistrationLib import cli  # noqa: E402
 from SARRegistrationLib.devices import resolve_device  # noqa: E402
 from SARRegistrationLib.losses import normalized_mutual_information  # noqa: E402
+from SARRegistrationLib.training import _batch  # noqa: E402
 
 from benchmarks.baselines import (build_voxelmorph, display_path, pad_multiple, require,  # noqa: E402
                                   save_voxelmorph, voxelmorph_forward)
@@ -68,8 +69,6 @@ def sar_training_recipe(card_path) -> dict:
     words = shlex.split(command)
     if "train" not in words:
         raise SystemExit(f"error: the card's command is not a 'SARRegistrationLib train' command: {command!r}")
-    from SARRegistrationLib import cli
-
     # The engine's own parser, so that every option and default is read exactly as training read it.
     parsed = cli._parser().parse_args(words[words.index("train"):])
     steps = card.get("steps") or {name: settings[f"{name}_steps"] for name in ("feature", "pretrain", "gan")}
@@ -77,7 +76,7 @@ def sar_training_recipe(card_path) -> dict:
         "card": display_path(card_path), "card_sha256": card.get("sha256"), "command": command,
         "images": [str(_resolve(p)) for p in parsed.images], "masks": str(_resolve(parsed.masks)) if parsed.masks else None,
         "split": bool(parsed.split), "synthetic": int(parsed.synthetic), "epoch_length": int(parsed.epoch_length),
-        "max_displacement_mm": float(parsed.max_displacement_mm),
+        "max_displacement_mm": float(parsed.max_displacement_mm), "contrast_remap": float(parsed.contrast_remap),
         "ndims": int(settings.get("ndims", parsed.ndims)), "shape": [int(n) for n in settings.get("shape", parsed.shape)],
         "batch_size": int(settings.get("batch_size", parsed.batch_size)), "seed": int(settings.get("seed", parsed.seed)),
         "working_size": int(settings.get("working_size") or max(settings.get("shape", parsed.shape))),
@@ -92,27 +91,16 @@ def _resolve(path) -> Path:
 
 
 def training_data(recipe: dict):
-    sources, description = datasets.training_sources(recipe["images"], recipe["masks"], use_training_fold=recipe["split"])
-    dataset = datasets.training_dataset(sources, tuple(recipe["shape"]), recipe["epoch_length"], recipe["synthetic"],
-                                        seed=recipe["seed"], max_displacement_mm=recipe["max_displacement_mm"])
-    if recipe["synthetic"]:
-        description += f"; {recipe['synthetic']} synthetic label-map pairs per epoch"
-    return dataset, description
+    """SAR's training pairs and their description, built by the engine's own ``train`` code."""
+    return cli.training_data(SimpleNamespace(
+        images=recipe["images"], masks=recipe["masks"], split=recipe["split"], shape=recipe["shape"],
+        epoch_length=recipe["epoch_length"], synthetic=recipe["synthetic"], seed=recipe["seed"],
+        max_displacement_mm=recipe["max_displacement_mm"], contrast_remap=recipe["contrast_remap"]))
 
 
 def batch_for_step(dataset, step: int, batch_size: int, seed: int) -> dict:
-    """The items SAR's trainer draws at ``step``: consecutive items of a per-epoch seeded permutation."""
-    try:
-        from SARRegistrationLib.training import _batch  # the trainer's own order, when it is there
-    except ImportError:
-        _batch = None
-    if _batch is not None:
-        return _batch(dataset, step, SimpleNamespace(batch_size=batch_size, seed=seed))
-    size, items = len(dataset), []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, size)
-        items.append(dataset[int(np.random.default_rng((seed, epoch)).permutation(size)[offset])])
-    return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+    """The items SAR's trainer draws at ``step``, in the trainer's own seeded order."""
+    return _batch(dataset, step, SimpleNamespace(batch_size=batch_size, seed=seed))
 
 
 def similarity_loss(name: str):
