@@ -41,12 +41,18 @@ def read_image(path, role: str = "image", allow_constant: bool = False) -> sitk.
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        reason = _last_line(error, "unknown reason")
         if "Unable to determine ImageIO reader" in reason:
             reason = f"its format is not recognised or it is damaged (SAR reads {', '.join(SUPPORTED_SUFFIXES)})"
         raise InputImageError(f"The {role} file {str(path)!r} could not be read as an image: {reason}.") from None
     _check_nifti_complete(path, role)
     return check_image(image, role, allow_constant)
+
+
+def _last_line(error: Exception, default: str) -> str:
+    """The last line of an error's message (SimpleITK's end in the one that names the problem)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else default
 
 
 def _check_nifti_complete(path: Path, role: str) -> None:
@@ -251,7 +257,7 @@ def staged_output_dir(output_dir):
             try:
                 yield Path(folder)
             except (OSError, RuntimeError) as error:  # RuntimeError: SimpleITK's writers
-                message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+                message = _last_line(error, type(error).__name__)
                 raise OutputError(f"Writing the outputs into {str(output_dir)!r} failed: {message}") from None
             _move_all_or_none(Path(folder), output_dir)
     except BaseException:
