@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .devices import DEVICE_CHOICES, resolve_device
 from .errors import SARError
+from .registration import MODES
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data"
 SAMPLE = {"reference": SAMPLE_DIR / "brain_pd.nrrd", "floating": SAMPLE_DIR / "sample_floating_t1.nrrd",
@@ -104,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=("volume", "slicewise"), default="volume",
-                        help="3D only: the 3D model on the whole volume, or the 2D model slice by slice")
+    parser.add_argument("--mode", choices=MODES, default="auto",
+                        help="3D only: the 3D model on the whole volume, or the 2D model slice by slice as the "
+                             "first estimate; auto: the 3D model when one is given or shipped, else slice-wise")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--affine", action="store_true",
                         help="align the floating image affinely first (for pairs that are not pre-aligned)")
@@ -114,12 +116,22 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--smoothness", type=float, help="weight of field smoothness during finetuning")
     parser.add_argument("--weights", type=Path, help="weights file (default: the shipped model)")
+    parser.add_argument("--no-instance-optimisation", action="store_true",
+                        help="keep the network's (finetuned) field: no per-pair optimisation of a residual field")
+    parser.add_argument("--optimisation-iterations", type=int, help="instance optimisation: iterations per level")
+    parser.add_argument("--optimisation-levels", type=int, help="instance optimisation: resolution levels")
+    parser.add_argument("--network", action=argparse.BooleanOptionalAction,
+                        help="start from the network's (finetuned) field and write SAR's masks (default: only "
+                             "when --weights is given; instance optimisation from the identity was more accurate)")
 
 
 def _registration_kwargs(args) -> dict:
     return {"mode": args.mode, "device": args.device, "affine": args.affine, "finetune": not args.no_finetune,
             "max_iterations": args.max_iterations, "tolerance": args.tolerance,
-            "smoothness": args.smoothness, "weights": args.weights}
+            "smoothness": args.smoothness, "weights": args.weights,
+            "instance_optimisation": not args.no_instance_optimisation,
+            "optimisation_iterations": args.optimisation_iterations, "optimisation_levels": args.optimisation_levels,
+            "network": args.network}
 
 
 def _run_register(args) -> int:

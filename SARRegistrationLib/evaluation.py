@@ -13,11 +13,11 @@ from . import imageio
 from .deformations import known_deformation
 from .devices import resolve_device
 from .model import load_model
-from .registration import register
+from .registration import network_dimension, register, uses_network
 
 
 def evaluate_known_deformations(images, masks=None, *, pairs_per_image: int = 3, max_displacement_mm: float = 6.0,
-                                contrast_change: bool = False, seed: int = 0, weights=None, mode: str = "volume",
+                                contrast_change: bool = False, seed: int = 0, weights=None, mode: str = "auto",
                                 device="auto", **register_options) -> list[dict]:
     """Register every image to ``pairs_per_image`` seeded random deformations of itself.
 
@@ -36,9 +36,10 @@ def evaluate_known_deformations(images, masks=None, *, pairs_per_image: int = 3,
     for index, (image_path, mask_path) in enumerate(zip(images, masks)):
         floating = imageio.read_image(image_path, "image")
         floating_mask = None if mask_path is None else imageio.read_image(mask_path, "mask", allow_constant=True)
-        ndims = 2 if floating.GetDimension() == 2 or mode == "slicewise" else 3
-        if ndims not in models:
-            models[ndims] = load_model(weights, ndims, torch_device)
+        ndims = network_dimension(floating.GetDimension(), mode)
+        if ndims not in models:  # without the network (instance optimisation alone) no model is needed
+            models[ndims] = load_model(weights, ndims, torch_device) \
+                if uses_network(register_options.get("network"), weights=weights) else None
         for pair in range(pairs_per_image):
             rng = np.random.default_rng((seed, index, pair))
             reference, reference_mask, transform = known_deformation(floating, floating_mask, rng, max_displacement_mm,

@@ -8,11 +8,18 @@ field. So ``warped`` is exactly what ``sitk.Resample(floating, reference, Displa
 
 A 3D volume is registered either in full by the 3D model (``mode="volume"``) or slice by slice
 along its third (``k``) axis by the 2D model (``mode="slicewise"``): the slices are one batch, so
-both modes run the same code.
+both modes run the same code. ``mode="auto"`` takes the 3D model when one is given (or shipped),
+else the 2D one slice by slice.
+
+The network's field is the first estimate. Instance optimisation (:mod:`instance_optimisation`)
+then optimises a residual on top of it, on a grid of its own (up to :data:`OPTIMISATION_GRID_SIZE`
+voxels per axis) and always in the image's full dimension: a volume registered slice-wise by the
+network still moves across slices.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,14 +32,19 @@ import torch
 from . import imageio, metrics
 from .deformations import affine_align
 from .fields import displacement_in_voxels, displacement_to_sitk
+from .instance_optimisation import OptimisationSettings, optimise_residual
 from .devices import resolve_device
 from .errors import InputImageError, RegistrationCancelled, SettingsError, WeightsError
 from .finetuning import (CancelCheck, FinetuneSettings, ProgressCallback, encode_pair, finetune_last_layer,
                          tuned_items)
-from .model import SARModel, load_model
-from .networks.generator import otsu_mask
+from .model import SARModel, default_weights_path, load_model
+from .networks.generator import otsu_mask, soft_otsu_mask
 
-MODES = ("volume", "slicewise")
+MODES = ("auto", "volume", "slicewise")
+# Voxels along the longest axis of instance optimisation's grid, by image dimension: its cost per
+# iteration depends on the samples, not the grid, so the grid can be finer than the network's;
+# the cap bounds the memory of the dense fields on it.
+OPTIMISATION_GRID_SIZE = {2: 256, 3: 192}
 
 
 @dataclass
@@ -41,8 +53,10 @@ class RegistrationResult:
 
     warped: sitk.Image  # floating image on the reference grid
     displacement: sitk.Image  # vector, mm, physical (LPS) components, on the reference grid, ITK convention
-    reference_mask: sitk.Image  # generated mask of the reference, on the reference grid
-    floating_mask: sitk.Image  # generated mask of the floating image, on the floating grid
+    # SAR's generated masks: of the reference on the reference grid, of the floating image on its
+    # own grid; None when the network was not run (instance optimisation alone).
+    reference_mask: sitk.Image | None
+    floating_mask: sitk.Image | None
     metrics: dict
     warped_floating_mask: sitk.Image | None = None  # the user's floating mask, warped
     # What the QA figure is drawn from: the inputs, the voxel field and the mask arrays.
@@ -54,17 +68,17 @@ class RegistrationResult:
 
     def save(self, output_dir, qa_figure: bool = True) -> list[Path]:
         """Write the outputs into ``output_dir``: all of them, or, on any error, none."""
-        from .qa import save_qa_figure  # matplotlib only when a figure is asked for
-
-        images = {"warped.nrrd": self.warped, "displacement.nrrd": self.displacement,
-                  "reference_mask.nrrd": self.reference_mask, "floating_mask.nrrd": self.floating_mask}
-        if self.warped_floating_mask is not None:
-            images["warped_floating_mask.nrrd"] = self.warped_floating_mask
+        images = {name: image for name, image in (
+            ("warped.nrrd", self.warped), ("displacement.nrrd", self.displacement),
+            ("reference_mask.nrrd", self.reference_mask), ("floating_mask.nrrd", self.floating_mask),
+            ("warped_floating_mask.nrrd", self.warped_floating_mask)) if image is not None}
         with imageio.staged_output_dir(output_dir) as staging:
             for name, image in images.items():
                 sitk.WriteImage(image, str(staging / name), True)
             (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
             if qa_figure:
+                from .qa import save_qa_figure  # matplotlib (a second to import) only when a figure is drawn
+
                 save_qa_figure(staging / "qa.png", **self._qa_arrays())
         return sorted(Path(output_dir) / name for name in [*images, "metrics.json", *(["qa.png"] if qa_figure else [])])
 
@@ -85,8 +99,10 @@ class RegistrationResult:
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
-             ignore_mask=None, mode: str = "volume", device="auto", affine: bool = False, finetune: bool = True, max_iterations: int = 100,
-             tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
+             ignore_mask=None, mode: str = "auto", device="auto", affine: bool = False, finetune: bool = True,
+             max_iterations: int = 100, tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
+             instance_optimisation: bool | OptimisationSettings = True, optimisation_iterations: int | None = None,
+             optimisation_levels: int | None = None, network: bool | None = None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
 
@@ -97,9 +113,10 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         reference_mask, floating_mask: optional structure masks (images or paths) for Dice, HD95
             and MAD; they do not steer the registration.
         ignore_mask: optional mask (image or path, any grid: it is resampled physically) of
-            regions the images are not compared in during finetuning, such as bright implants or
-            electrodes; the field there follows the smoothness term alone.
-        mode: ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice).
+            regions the images are not compared in during finetuning and instance optimisation,
+            such as bright implants or electrodes; the field there follows its smoothness alone.
+        mode: ``"auto"``, ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice):
+            ``auto`` runs a 3D model when one is given or shipped, else the 2D one slice-wise.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         affine: first align the floating image affinely (Mattes mutual information, as the paper
             does before deforming); the saved field then includes the affine part.
@@ -107,12 +124,24 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         max_iterations, tolerance: finetuning stops after this many iterations or when the loss
             changes by less than ``tolerance`` between two.
         smoothness: weight of the field's smoothness during finetuning (default: the model's).
+        instance_optimisation: optimise a residual field on top of the network's for this pair
+            (:mod:`instance_optimisation`), in the image's full dimension; an
+            :class:`OptimisationSettings` turns it on with those settings.
+        optimisation_iterations, optimisation_levels: its iterations per level and resolution
+            levels (default: :class:`OptimisationSettings`).
+        network: start from the network's (finetuned) field and give SAR's masks. By default
+            (None) only when a ``model`` or ``weights`` is given: on every benchmark pair set so far
+            instance optimisation from the identity ended more accurate than from the network's
+            field (README, "Benchmark"). ``False`` skips the network and finetuning, and the
+            result has no SAR masks.
         progress: ``progress(fraction, message)`` is called as work advances.
         cancel: ``cancel()`` returning true stops the run with :class:`RegistrationCancelled`.
 
     Nothing is written to disk: call :meth:`RegistrationResult.save`.
     """
     started = time.perf_counter()
+    stage_seconds = {}
+    network = uses_network(network, model, weights)
     report = progress or (lambda fraction, message: None)
     reference = _as_image(reference, "reference")
     floating = _as_image(floating, "floating image")
@@ -126,60 +155,93 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             raise InputImageError(f"The {role} is {mask.GetDimension()}D but the reference is "
                                   f"{reference.GetDimension()}D.")
     if mode not in MODES:
-        raise SettingsError(f"Unknown mode {mode!r}: choose 'volume' or 'slicewise'.")
+        raise SettingsError(f"Unknown mode {mode!r}: choose 'auto', 'volume' or 'slicewise'.")
+    if not network and not instance_optimisation:
+        raise SettingsError("Without the network, instance optimisation is the only registration stage: turn one "
+                            "of them on (the paper's network-only registration: network on, instance optimisation off).")
     _check_finetuning_options(max_iterations, tolerance, smoothness)
-    slicewise = mode == "slicewise" and reference.GetDimension() == 3
+    optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels)
+    ndims = reference.GetDimension()
+    torch_device = resolve_device(device)
+    if network and model is None and weights is not None:
+        report(0.02, "loading the model")
+        model = load_model(weights, device=torch_device)  # its dimension decides what "auto" runs
+    network_ndims = network_dimension(ndims, mode, model)
+    slicewise = ndims == 3 and network_ndims == 2
     imageio.check_size(reference, "reference", slicewise)
     imageio.check_size(floating, "floating image", slicewise)
-    network_ndims = 2 if slicewise or reference.GetDimension() == 2 else 3
-    torch_device = resolve_device(device)
 
-    report(0.02, "loading the model")
-    model = model if model is not None else load_model(weights, network_ndims, torch_device)
-    if model.ndims != network_ndims:
-        raise WeightsError(f"These weights are for {model.ndims}D images but {mode} registration of a "
-                           f"{reference.GetDimension()}D image needs a {network_ndims}D model"
-                           + (" (or choose mode 'slicewise')." if network_ndims == 3 else "."))
-    model.to(torch_device).eval()  # inference: batch norm uses, and never updates, its statistics
+    if network:
+        report(0.02, "loading the model")
+        model = model if model is not None else load_model(None, network_ndims, torch_device)
+        if model.ndims != network_ndims:
+            raise WeightsError(f"These weights are for {model.ndims}D images but {mode} registration of a "
+                               f"{ndims}D image needs a {network_ndims}D model"
+                               + (" (or choose mode 'slicewise')." if network_ndims == 3 else "."))
+        model.to(torch_device).eval()  # inference: batch norm uses, and never updates, its statistics
     _check_cancel(cancel)
 
     prealignment = sitk.Transform()
     if affine:
         report(0.03, "affine pre-alignment")
         prealignment = affine_align(reference, floating)
-    # Slices run along SimpleITK's k axis (array axis 0): that axis keeps its voxel count.
-    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ())
+    # The network's grid; slices run along SimpleITK's k axis (array axis 0), which keeps its voxel count.
+    grid = imageio.working_grid(reference, model.working_size if network else OPTIMISATION_GRID_SIZE[ndims],
+                                keep_axes=(2,) if slicewise else ())
     overlap = imageio.check_overlap(grid, reference, floating, prealignment)
-    reference_input = network_input(reference, grid, slicewise, torch_device)
-    floating_input = network_input(floating, grid, slicewise, torch_device, prealignment)
+    stage_seconds["preparation"] = time.perf_counter() - started
 
-    settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
-    if smoothness is not None:
-        settings.weights.smoothness = smoothness
-    report(0.05, "encoding the pair")
-    # The backward features serve only the cycle term of finetuning, on the slices it tunes on.
-    backward_items = tuned_items(reference_input.shape[0], settings) if finetune and settings.weights.cycle else []
-    encoding = encode_pair(model, reference_input, floating_input, backward_items, cancel,
-                           progress=lambda f: report(0.05 + 0.15 * f, "encoding the pair"))
-    _check_cancel(cancel)
-    iterations, converged = 0, None
-    if finetune:
-        ignore_input = None if ignore_mask is None else \
-            network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
-        tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
-                                    progress=lambda f, message: report(0.2 + 0.7 * f, message), cancel=cancel,
-                                    ignore_mask=ignore_input)
-        displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
-    else:
-        with torch.no_grad():
-            displacement = model.generator.field(encoding.forward)
-    _check_cancel(cancel)
+    iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
+    if network:
+        stage_start = time.perf_counter()
+        reference_input = network_input(reference, grid, slicewise, torch_device)
+        floating_input = network_input(floating, grid, slicewise, torch_device, prealignment)
+        settings = FinetuneSettings(max_iterations=max_iterations, tolerance=tolerance)
+        if smoothness is not None:
+            settings.weights.smoothness = smoothness
+        report(0.05, "encoding the pair")
+        # The backward features serve only the cycle term of finetuning, on the slices it tunes on.
+        backward_items = tuned_items(reference_input.shape[0], settings) if finetune and settings.weights.cycle else []
+        encoding = encode_pair(model, reference_input, floating_input, backward_items, cancel,
+                               progress=lambda f: report(0.05 + 0.15 * f, "encoding the pair"))
+        _check_cancel(cancel)
+        stage_seconds["network"] = time.perf_counter() - stage_start
+        if finetune:
+            stage_start = time.perf_counter()
+            ignore_input = None if ignore_mask is None else \
+                network_input(ignore_mask, grid, slicewise, torch_device, normalise=False)
+            share = 0.3 if optimisation is not None else 0.7
+            tuned = finetune_last_layer(model, encoding, reference_input, floating_input, settings,
+                                        progress=lambda f, message: report(0.2 + share * f, message), cancel=cancel,
+                                        ignore_mask=ignore_input)
+            displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
+            stage_seconds["finetuning"] = time.perf_counter() - stage_start
+        else:
+            with torch.no_grad():
+                displacement = model.generator.field(encoding.forward)
+        field_grid, field_voxels = grid, voxel_field(displacement, slicewise)
+        _check_cancel(cancel)
 
+    optimisation_summary = False
+    if optimisation is not None:
+        stage_start = time.perf_counter()
+        field_grid, field_voxels, optimisation_summary = _instance_optimisation(
+            reference, floating, prealignment, ignore_mask, field_grid, field_voxels, encoding, slicewise, optimisation,
+            torch_device, lambda f, message: report(0.5 + 0.4 * f if network else 0.05 + 0.85 * f, message),
+            cancel)
+        optimisation_summary["seconds"] = round(time.perf_counter() - stage_start, 3)
+        stage_seconds["instance_optimisation"] = time.perf_counter() - stage_start
+        _check_cancel(cancel)
+
+    stage_start = time.perf_counter()
     report(0.92, "resampling the outputs")
-    working_field = displacement_to_sitk(voxel_field(displacement, slicewise), grid)
-    field_mm = _in_slabs(reference, lambda slab: sitk.Resample(
-        working_field, slab, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True),
-        cancel, lambda f: report(0.92 + 0.03 * f, "resampling the field"))
+    working_field = displacement_to_sitk(field_voxels, field_grid)
+    if _same_geometry(field_grid, reference):  # instance optimisation on the reference's own grid
+        field_mm = working_field
+    else:
+        field_mm = _in_slabs(reference, lambda slab: sitk.Resample(
+            working_field, slab, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True),
+            cancel, lambda f: report(0.92 + 0.03 * f, "resampling the field"))
     if affine:  # p -> A(p + d(p)): the composite applies the last-listed transform first
         composite = sitk.CompositeTransform([prealignment, sitk.DisplacementFieldTransform(field_mm)])
         field_mm = _in_slabs(reference, lambda slab: sitk.TransformToDisplacementField(
@@ -189,16 +251,22 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     warped = _in_slabs(reference, lambda slab: sitk.Resample(
         floating, slab, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32),
         cancel, lambda f: report(0.96 + 0.03 * f, "warping the floating image"))
-    generated_reference = _mask_image(otsu_mask(encoding.reference_map), grid, slicewise)
-    generated_floating = _mask_image(otsu_mask(encoding.floating_map), grid, slicewise)
+    generated_reference = generated_floating = None
+    if encoding is not None:
+        generated_reference = imageio.resample_to(_mask_image(otsu_mask(encoding.reference_map), grid, slicewise),
+                                                  reference, label=True)
+        generated_floating = imageio.resample_to(_mask_image(otsu_mask(encoding.floating_map), grid, slicewise),
+                                                 floating, label=True, transform=prealignment.GetInverse())
 
     folding, largest_displacement = _field_statistics(field_mm)
-    summary = {"mode": mode if reference.GetDimension() == 3 else "image", "device": str(torch_device),
-               "affine_prealignment": affine, "overlap_fraction": round(overlap, 4), "finetuned": finetune,
-               "ignore_mask": ignore_mask is not None,
+    summary = {"mode": ("slicewise" if slicewise else "volume") if ndims == 3 else "image",
+               "device": str(torch_device), "network": network,
+               "affine_prealignment": affine, "overlap_fraction": round(overlap, 4),
+               "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
                "iterations": iterations, "converged": converged,
+               "instance_optimisation": optimisation_summary,
                "folding_fraction": folding, "max_displacement_mm": largest_displacement,
-               "weights": model.metadata.get("weights_path", "in memory")}
+               "weights": model.metadata.get("weights_path", "in memory") if network else None}
     qa_inputs = {"reference": reference, "floating": floating}
     warped_floating_mask = None
     if reference_mask is not None and floating_mask is not None:
@@ -211,14 +279,87 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         spacing = reference.GetSpacing()[::-1]
         for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
             summary[key] = metrics.overlap_metrics(masks["reference_mask"], masks[moving], spacing)
+    stage_seconds["outputs"] = time.perf_counter() - stage_start
+    summary["stage_seconds"] = {name: round(value, 3) for name, value in stage_seconds.items()}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     report(1.0, "done")
     return RegistrationResult(
-        warped=warped, displacement=field_mm,
-        reference_mask=imageio.resample_to(generated_reference, reference, label=True),
-        floating_mask=imageio.resample_to(generated_floating, floating, label=True,
-                                          transform=prealignment.GetInverse()),
+        warped=warped, displacement=field_mm, reference_mask=generated_reference, floating_mask=generated_floating,
         metrics=summary, warped_floating_mask=warped_floating_mask, qa_inputs=qa_inputs)
+
+
+def uses_network(network: bool | None, model=None, weights=None) -> bool:
+    """Whether a registration runs the network: as asked, or by default when a model or weights are given."""
+    return (model is not None or weights is not None) if network is None else bool(network)
+
+
+def network_dimension(image_ndims: int, mode: str, model: SARModel | None = None) -> int:
+    """The dimension of the network a registration runs: 2 for 2D images and slice-wise volumes.
+
+    ``mode="auto"`` registers a volume in full when a 3D model is given, or none is and 3D weights ship.
+    """
+    if image_ndims == 2 or mode == "slicewise":
+        return 2
+    if mode == "auto":
+        available = model.ndims == 3 if model is not None else default_weights_path(3).is_file()
+        return 3 if available else 2
+    return 3
+
+
+def _optimisation_settings(instance_optimisation, iterations, levels) -> OptimisationSettings | None:
+    """The settings of instance optimisation, or None when it is off."""
+    if instance_optimisation is False:
+        return None
+    settings = copy.copy(instance_optimisation) if isinstance(instance_optimisation, OptimisationSettings) \
+        else OptimisationSettings()
+    if iterations is not None:
+        settings.iterations = iterations
+    if levels is not None:
+        settings.levels = levels
+    settings.check()
+    return settings
+
+
+def _instance_optimisation(reference, floating, prealignment, ignore_mask, field_grid, field_voxels, encoding,
+                           encoding_slicewise: bool, settings: OptimisationSettings, device, progress, cancel):
+    """The residual stage: the images and the first estimate on the optimisation grid, then
+    :func:`optimise_residual`. Returns that grid, the total field on it in voxels, and a summary."""
+    grid = imageio.working_grid(reference, OPTIMISATION_GRID_SIZE[reference.GetDimension()])
+    fixed = network_input(reference, grid, False, device)
+    moving = network_input(floating, grid, False, device, prealignment)
+    initial = None
+    if field_voxels is not None:
+        initial = torch.from_numpy(np.ascontiguousarray(_resampled_field(field_voxels, field_grid, grid), np.float32))
+        initial = initial[None].to(device)
+    masks = {}
+    if encoding is not None and settings.mask_weight > 0:
+        for name, fused in (("reference_mask", encoding.reference_map), ("floating_mask", encoding.floating_map)):
+            soft = _mask_image(soft_otsu_mask(fused), field_grid, encoding_slicewise, np.float32)
+            masks[name] = torch.from_numpy(imageio.array_of(imageio.resample_to(soft, grid)))[None, None].to(device)
+    ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
+    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, progress=progress,
+                               cancel=cancel, **masks)
+    summary = {"levels": settings.levels, "iterations": result.iterations,
+               "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
+               "kept_first_estimate": result.kept_initial}
+    return grid, result.displacement[0].detach().cpu().numpy().astype(np.float64), summary
+
+
+def _same_geometry(grid: sitk.Image, reference: sitk.Image) -> bool:
+    """Whether ``grid`` has the reference's voxels (up to float rounding of its computed origin)."""
+    return grid.GetSize() == reference.GetSize() and all(
+        np.allclose(a, b, rtol=0, atol=1e-6 * max(reference.GetSpacing())) for a, b in (
+            (grid.GetOrigin(), reference.GetOrigin()), (grid.GetSpacing(), reference.GetSpacing()),
+            (grid.GetDirection(), reference.GetDirection())))
+
+
+def _resampled_field(field_voxels: np.ndarray, from_grid: sitk.Image, to_grid: sitk.Image) -> np.ndarray:
+    """A voxel field of one grid as a voxel field of another over the same space (physically resampled)."""
+    if _same_geometry(from_grid, to_grid):
+        return field_voxels
+    field_mm = sitk.Resample(displacement_to_sitk(field_voxels, from_grid), to_grid, sitk.Transform(),
+                             sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    return displacement_in_voxels(field_mm)
 
 
 def _as_image(source, role: str, mask: bool = False):
@@ -321,8 +462,9 @@ def _middle_slab(image: sitk.Image) -> sitk.Image:
     return image[:, :, _middle_rows(image)] if image.GetDimension() == 3 else image
 
 
-def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool) -> sitk.Image:
-    array = mask.detach().cpu().numpy().astype(np.uint8)
+def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool, dtype=np.uint8) -> sitk.Image:
+    """A ``(B, 1, *spatial)`` mask of the network's grid (the slices as the batch when ``slicewise``) as an image."""
+    array = mask.detach().cpu().numpy().astype(dtype)
     return imageio.image_like(array[:, 0] if slicewise else array[0, 0], grid)
 
 

@@ -124,26 +124,6 @@ def test_large_volume_benchmark_measures_memory_time_and_cancel(tmp_path):
     assert (tmp_path / "large_volume.png").stat().st_size > 0
 
 
-def test_speed_benchmark_writes_its_table(tmp_path):
-    """benchmarks/speed_benchmark.py on tiny images: every case timed, the table and plot written."""
-    from benchmarks import speed_benchmark as speed
-
-    output = tmp_path / "speed"
-    speed.main(["--size-2d", "32", "--size-3d", "16", "--repeats", "1", "--max-iterations", "3", "--threads", "1",
-                "--device", "cpu", "--output-dir", str(output)])
-    markdown = (output / "speed.md").read_text()
-    saved = json.loads((output / "speed.json").read_text())
-    expected = [f"{image} {mode}, {finetuning}" for image, mode in (("2D 32×32", "image"), ("3D 16×16×16", "slicewise"),
-                                                                    ("3D 16×16×16", "volume"))
-                for finetuning in ("no finetuning", "finetuned")]
-    assert [row["case"] for row in saved["rows"]] == expected
-    assert all(f"| {case} |" in markdown for case in expected)
-    assert all(row["mean_s"] > 0 and len(row["seconds"]) == 1 for row in saved["rows"])
-    assert markdown.count("timing only, untrained weights") >= 2 and "(1 threads)" in markdown
-    assert [row["target_s"] for row in saved["rows"]] == [1.0, 1.0, 10.0, 10.0, 10.0, 10.0]
-    assert (output / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_warm_up_runs_few_iterations_and_restores_the_setting(tiny_pair, tiny_weights, monkeypatch):
     method = baselines.SARMethod("sar", "SAR", tiny_weights, 2, max_iterations=50, device="cpu")
     method.prepare()

@@ -71,4 +71,4 @@ def test_volume_mode_without_3d_weights_points_to_slicewise(read_test_image):
     volume = read_test_image("brain3d_t1.nii.gz")
     assert not default_weights_path(3).exists()
     with pytest.raises(WeightsError, match="slicewise"):
-        register(volume, volume, mode="volume", device="cpu")
+        register(volume, volume, mode="volume", device="cpu", network=True)

@@ -12,6 +12,7 @@ with placeholders for Slicer's and CTK's widget classes that declare those class
 from __future__ import annotations
 
 import ast
+import collections
 import importlib
 import os
 import re
@@ -50,7 +51,8 @@ def _application_layer() -> dict:
 
     They carry no behaviour the logic depends on: base classes that store the module name (and a
     silent ``delayDisplay``), an identity ``@parameterNodeWrapper``, annotation classes that keep
-    their arguments, and an identity ``tr``. ``qt`` is an empty module: only the widget uses it.
+    their arguments, and an identity ``tr``. ``qt`` is an empty module: only the widget uses it,
+    and the panel's test (:func:`test_panel_runs_a_registration_without_blocking`) gives it fakes.
     """
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
 
@@ -61,6 +63,12 @@ def _application_layer() -> dict:
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
             self.parent = parent
+
+        def setup(self):  # the real one adds the reload-and-test section to the panel
+            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+
+        def resourcePath(self, filename):
+            return str(MODULE_DIR / "Resources" / filename)
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
@@ -367,8 +375,11 @@ def test_linear_parent_transform_is_part_of_the_geometry(scene, logic, brain_arr
 # ----------------------------------------------------------------------------------------------- registration
 
 def test_grid_transform_reproduces_the_warped_volume(scene, logic, pair_3d, model_3d, tmp_path):
+    """Without instance optimisation: hardening (two interpolations) is only close to the engine's
+    warp for a field that is smooth at the voxel scale, as the network's is."""
     reference, floating = pair_3d
-    result = logic.register(reference, floating, model=model_3d, finetune=False, device="cpu")
+    result = logic.register(reference, floating, model=model_3d, finetune=False, instanceOptimisation=False,
+                            device="cpu")
 
     # The warped volume lies on the reference grid.
     np.testing.assert_allclose(ijk_to_ras_of(result.warpedVolume), ijk_to_ras_of(reference), atol=1e-9)
@@ -376,7 +387,7 @@ def test_grid_transform_reproduces_the_warped_volume(scene, logic, pair_3d, mode
 
     # The transform is the one Slicer itself makes of the engine's field (ITK file, LPS, "from parent").
     engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
-                          finetune=False, device="cpu")
+                          finetune=False, instance_optimisation=False, device="cpu")
     by_slicer = slicer_grid_transform_of(engine.displacement, scene, tmp_path)
     np.testing.assert_allclose(slicer.util.arrayFromGridTransform(result.transform),
                                slicer.util.arrayFromGridTransform(by_slicer), atol=1e-9)
@@ -392,7 +403,8 @@ def test_grid_transform_reproduces_the_warped_volume(scene, logic, pair_3d, mode
 
 def test_slice_by_slice_mode_on_a_3d_volume(scene, logic, pair_3d, model_2d):
     reference, floating = pair_3d
-    result = logic.register(reference, floating, model=model_2d, mode="slicewise", finetune=False, device="cpu")
+    result = logic.register(reference, floating, model=model_2d, mode="slicewise", finetune=False,
+                            instanceOptimisation=False, device="cpu")
     assert result.metrics["mode"] == "slicewise"
     np.testing.assert_allclose(ijk_to_ras_of(result.warpedVolume), ijk_to_ras_of(reference), atol=1e-9)
     # Nothing moves across slices: every displacement lies in the plane of the reference's slices.
@@ -599,6 +611,404 @@ def test_failure_while_building_outputs_leaves_the_scene_as_it_was(scene, logic,
     assert_outputs_untouched(chosen_outputs, brain_array)
 
 
+# ----------------------------------------------------------------------------------------------- background runs
+
+def poll_until_finished(run, timeout=120.0) -> list:
+    """Poll as the panel's timer does, until the run has ended; the scene state seen at each poll."""
+    import time
+
+    states, deadline = [], time.monotonic() + timeout
+    while not run.finished:
+        assert time.monotonic() < deadline, "the run did not end"
+        run.poll()
+        states.append(scene_state(slicer.mrmlScene))
+        time.sleep(0.01)
+    return states
+
+
+def test_background_run_touches_the_scene_only_when_polled_at_the_end(scene, logic, module, pair_3d, model_3d):
+    """The worker builds the outputs as data; the scene changes only in the poll that ends the run."""
+    reference, floating = pair_3d
+    state = scene_state(scene)
+    run = logic.startRegistration(reference, floating, model=model_3d, finetune=False, device="cpu")
+    with pytest.raises(RuntimeError, match="already running"):  # Register cannot be pressed twice
+        logic.startRegistration(reference, floating, model=model_3d)
+    with pytest.raises(RuntimeError, match="already running"):  # nor the console run one beside it
+        logic.register(reference, floating, model=model_3d)
+    states = poll_until_finished(run)
+    assert run.state is module.RunState.SUCCEEDED, run.traceback
+    assert all(seen == state for seen in states[:-1]) and states[-1] != state
+    assert run.result.warpedVolume.GetScene() is scene
+    assert any("instance optimisation" in message for message in run.log)
+    # Only now can another run start.
+    second = logic.startRegistration(reference, floating, model=model_3d, finetune=False,
+                                     instanceOptimisation=False, device="cpu")
+    assert second.wait(120) and second.state is module.RunState.SUCCEEDED
+
+
+def gate(monkeypatch, owner, name, phase=None):
+    """Hold the run at ``owner.name`` until the test has pressed Cancel (or closed the scene).
+
+    With ``phase``, ``owner.name`` is the engine's ``register`` and the hold is at its first
+    progress message naming the phase. Returns (reached, release) events.
+    """
+    import threading
+
+    reached, release = threading.Event(), threading.Event()
+    original = getattr(owner, name)
+
+    def hold():
+        if not reached.is_set():
+            reached.set()
+            assert release.wait(30)
+
+    if phase is None:
+        def held(*args, **kwargs):
+            hold()
+            return original(*args, **kwargs)
+    else:
+        def held(*args, progress=None, **kwargs):
+            def progress_then_hold(fraction, message):
+                progress(fraction, message)
+                if phase in message:
+                    hold()
+            return original(*args, progress=progress_then_hold, **kwargs)
+    monkeypatch.setattr(owner, name, held)
+    return reached, release
+
+
+@pytest.mark.parametrize("phase", ["loading the weights", "finetuning", "instance optimisation",
+                                   "inverting the field"])
+def test_cancel_works_in_every_phase(scene, logic, module, pair_3d, model_3d, chosen_outputs, brain_array,
+                                     monkeypatch, phase):
+    reference, floating = pair_3d
+    if phase == "loading the weights":
+        reached, release = gate(monkeypatch, module.SARRegistrationLogic, "_model")
+    elif phase == "inverting the field":
+        reached, release = gate(monkeypatch, sys.modules["SARRegistrationFields"], "invertDisplacement")
+    else:
+        reached, release = gate(monkeypatch, sar, "register", phase)
+    model = None if phase == "loading the weights" else model_3d  # None: the shipped weights are loaded
+    state = scene_state(scene)
+    run = logic.startRegistration(reference, floating, model=model, network=True, device="cpu", maxIterations=3,
+                                  optimisationIterations=2, computeInverse=True, **chosen_outputs)
+    assert reached.wait(60), run.poll() or run.traceback
+    run.cancel()
+    release.set()
+    poll_until_finished(run)
+    assert run.state is module.RunState.CANCELLED and "Cancelled" in run.message
+    assert scene_state(scene) == state
+    assert_outputs_untouched(chosen_outputs, brain_array)
+
+
+def test_closing_the_scene_cancels_the_run_and_writes_nothing(scene, logic, module, pair_3d, model_3d, monkeypatch):
+    reference, floating = pair_3d
+    reached, release = gate(monkeypatch, sar, "register", "instance optimisation")
+    run = logic.startRegistration(reference, floating, model=model_3d, finetune=False, device="cpu")
+    assert reached.wait(60)
+    scene.Clear(0)  # File > Close scene
+    release.set()
+    poll_until_finished(run)
+    assert run.state is module.RunState.CANCELLED and run.sceneClosed and "scene was closed" in run.message
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+
+
+def test_a_run_that_ended_just_before_the_scene_closed_writes_nothing(scene, logic, module, pair_3d, model_3d):
+    reference, floating = pair_3d
+    run = logic.startRegistration(reference, floating, model=model_3d, finetune=False, instanceOptimisation=False,
+                                  device="cpu")
+    while not run.workerEnded:  # the result waits for the panel's next poll...
+        pass
+    scene.Clear(0)  # ... and the scene closes first
+    poll_until_finished(run)
+    assert run.state is module.RunState.CANCELLED and run.result is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_a_broken_pytorch_install_reaches_the_panel(scene, logic, module, pair_3d, model_3d, monkeypatch):
+    """The engine (and PyTorch) are imported in the worker: the import error ends the run as FAILED,
+    with the message and traceback the panel's dialog shows."""
+    reference, floating = pair_3d
+    state = scene_state(scene)
+    monkeypatch.setitem(sys.modules, "SARRegistrationLib", None)  # "import SARRegistrationLib" fails
+    run = logic.startRegistration(reference, floating, model=model_3d, device="cpu")
+    poll_until_finished(run)
+    assert run.state is module.RunState.FAILED and isinstance(run.error, ImportError)
+    assert "SARRegistrationLib" in run.traceback and "failed" in run.message
+    assert scene_state(scene) == state
+
+
+def test_engine_and_scene_errors_reach_the_panel(scene, logic, module, pair_3d, model_3d, ventricles_array,
+                                                 monkeypatch, tmp_path):
+    reference, floating = pair_3d
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a weights file")
+    state = scene_state(scene)
+    run = logic.startRegistration(reference, floating, weightsPath=corrupt, device="cpu")
+    poll_until_finished(run)
+    assert run.state is module.RunState.FAILED and isinstance(run.error, WeightsError)
+    assert scene_state(scene) == state
+    # An input deleted while the run works: refused when the outputs would be written.
+    structure = add_segmentation(scene, {"ventricles": ventricles_array}, ijk_to_ras(**FLOATING_RAS), "ventricles")
+    reached, release = gate(monkeypatch, sar, "register", "instance optimisation")
+    run = logic.startRegistration(reference, floating, None, structure, model=model_3d, finetune=False,
+                                  device="cpu")
+    assert reached.wait(60)
+    scene.RemoveNode(structure)
+    state = scene_state(scene)
+    release.set()
+    poll_until_finished(run)
+    assert run.state is module.RunState.FAILED and "'ventricles' (floatingStructure) was removed" in str(run.error)
+    assert scene_state(scene) == state
+
+
+def test_gpu_out_of_memory_falls_back_to_the_cpu_with_device_auto(scene, logic, pair_3d, model_3d, monkeypatch):
+    import torch
+
+    reference, floating = pair_3d
+    devices = []
+    engine_register = sar.register
+
+    def register_out_of_gpu_memory(*args, device="auto", **kwargs):
+        devices.append(device)
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return engine_register(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(sar, "register", register_out_of_gpu_memory)
+    result = logic.register(reference, floating, model=model_3d, finetune=False, instanceOptimisation=False)
+    assert devices == ["auto", "cpu"] and result.metrics["device"] == "cpu"
+    assert result.record["notes"] == ["The GPU ran out of memory; registering on the CPU instead."]
+    state = scene_state(scene)
+    with pytest.raises(RuntimeError, match=r"GPU ran out of memory \(CUDA out of memory. Tried.*device Automatic"):
+        logic.register(reference, floating, model=model_3d, device="cuda")
+    assert scene_state(scene) == state
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def add_linear_transform(scene, matrix, name="transform"):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return node
+
+
+def rigid_matrix(degrees=8.0, shift=(6.0, -4.0, 3.0)) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array(rotation_3d(degrees, 0.5 * degrees)).reshape(3, 3)
+    matrix[:3, 3] = shift
+    return matrix
+
+
+def test_floating_volume_under_a_parent_transform(scene, logic, pair_3d, model_3d):
+    """The same warped volume as an untransformed copy resampled into world space first (Slicer's
+    hardening), and the output transform placed above the parent moves the volume onto the result."""
+    reference, floating = pair_3d
+    parent = add_linear_transform(scene, rigid_matrix(), "parent")
+    floating.SetAndObserveTransformNodeID(parent.GetID())
+    hardened = harden_on_clone(scene, floating, parent, logic)
+    options = dict(model=model_3d, finetune=False, device="cpu")
+    with_parent = logic.register(reference, floating, **options)
+    resampled_first = logic.register(reference, hardened, **options)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(with_parent.warpedVolume),
+                               slicer.util.arrayFromVolume(resampled_first.warpedVolume), atol=1e-4)
+    np.testing.assert_allclose(slicer.util.arrayFromGridTransform(with_parent.transform),
+                               slicer.util.arrayFromGridTransform(resampled_first.transform), atol=1e-6)
+    assert floating.GetParentTransformNode() is parent  # the input is left where it was
+    # floating -> parent -> output transform: Slicer's evaluation sends each reference voxel where the engine sampled.
+    parent.SetAndObserveTransformNodeID(with_parent.transform.GetID())
+    expected, inside = warp_through_transform_node(floating, reference, parent)
+    warped = slicer.util.arrayFromVolume(with_parent.warpedVolume)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(warped[inside], expected[inside], atol=1e-4 * np.abs(expected[inside]).max())
+
+
+def test_initial_transform_starts_the_registration_and_is_part_of_the_output(scene, logic, pair_3d, model_3d):
+    """With an initial transform the engine sees the floating volume moved by it (the same warped
+    volume as with the volume under it), and the output transform alone, applied to the floating
+    volume, gives the warped volume."""
+    reference, floating = pair_3d
+    initial = add_linear_transform(scene, rigid_matrix(), "initial")
+    options = dict(model=model_3d, finetune=False, device="cpu")
+    result = logic.register(reference, floating, initialTransform=initial, **options)
+    assert floating.GetParentTransformNode() is None
+    expected, inside = warp_through_transform_node(floating, reference, result.transform)
+    warped = slicer.util.arrayFromVolume(result.warpedVolume)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(warped[inside], expected[inside], atol=1e-4 * np.abs(expected[inside]).max())
+    floating.SetAndObserveTransformNodeID(initial.GetID())
+    under_it = logic.register(reference, floating, **options)
+    np.testing.assert_allclose(warped, slicer.util.arrayFromVolume(under_it.warpedVolume), atol=1e-4)
+    assert result.record["settings"]["initial_transform"] == "initial"
+    with pytest.raises(ValueError, match="already moves the floating volume .* applied twice"):
+        logic.register(reference, floating, initialTransform=initial, **options)
+    floating.SetAndObserveTransformNodeID(None)
+    bent = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "bent")
+    with pytest.raises(ValueError, match="initial transform 'bent' is not linear"):
+        logic.register(reference, floating, initialTransform=bent, **options)
+
+
+def test_without_the_network_there_are_no_sar_masks(scene, logic, pair_3d):
+    reference, floating = pair_3d
+    result = logic.register(reference, floating, network=False, optimisationIterations=5, device="cpu")
+    assert result.metrics["network"] is False and result.metrics["instance_optimisation"]["iterations"] > 0
+    assert result.referenceMaskSegmentation is None and result.floatingMaskSegmentation is None
+    assert result.record["weights"] is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+# ----------------------------------------------------------------------------------------------- outputs and QA
+
+def transform_points(transform_node, points, from_parent=True) -> np.ndarray:
+    transform = transform_node.GetTransformFromParent() if from_parent else transform_node.GetTransformToParent()
+    return np.array([transform.TransformPoint(tuple(float(v) for v in point)) for point in points])
+
+
+def interior_points(volume, margin=3, step=3) -> np.ndarray:
+    """RAS centres of voxels at least ``margin`` voxels inside ``volume``."""
+    shape = slicer.util.arrayFromVolume(volume).shape
+    k, j, i = np.meshgrid(*[np.arange(margin, n - margin, step) for n in shape], indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    return (ijk_to_ras_of(volume) @ ijk)[:3].T
+
+
+@pytest.mark.parametrize("with_initial_transform", [False, True])
+def test_inverse_transform_composed_with_the_forward_one_is_the_identity(scene, logic, pair_3d, model_3d,
+                                                                        with_initial_transform):
+    reference, floating = pair_3d
+    initial = add_linear_transform(scene, rigid_matrix(3.0, (2.0, -1.0, 1.5))) if with_initial_transform else None
+    result = logic.register(reference, floating, model=model_3d, finetune=False, computeInverse=True,
+                            initialTransform=initial, device="cpu")
+    inverse = result.inverseTransform
+    assert inverse.IsA("vtkMRMLGridTransformNode") and inverse.GetName() == "floating SAR inverse transform"
+    # On the floating volume's grid, in the floating volume's world.
+    origin, spacing, _ = grid_geometry(inverse)
+    np.testing.assert_allclose(origin, ijk_to_ras_of(floating)[:3, 3], atol=1e-9)
+    points = interior_points(reference)
+    moved = transform_points(result.transform, points)  # reference world -> floating world
+    floating_box = np.linalg.inv(ijk_to_ras_of(floating)) @ np.c_[moved, np.ones(len(moved))].T
+    inside = np.all((floating_box[:3] > 1) & (floating_box[:3] < np.array([32, 32, 12])[:, None] - 2), axis=0)
+    assert inside.mean() > 0.5
+    back = transform_points(inverse, moved[inside])  # floating world -> reference world
+    error = np.linalg.norm(back - points[inside], axis=1)
+    moved_by = np.linalg.norm(moved[inside] - points[inside], axis=1)
+    assert np.median(error) < 0.05 and np.percentile(error, 95) < 0.5, (np.median(error), error.max())
+    assert np.median(moved_by) > 2.0  # mm: the forward transform moves points far more than that
+
+
+def test_jacobian_volume_is_the_engines_determinant(scene, logic, pair_3d, model_3d):
+    from SARRegistrationLib.fields import displacement_in_voxels
+    from SARRegistrationLib.metrics import jacobian_determinant
+
+    reference, floating = pair_3d
+    result = logic.register(reference, floating, model=model_3d, finetune=False, computeJacobian=True,
+                            device="cpu")
+    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
+                          finetune=False, device="cpu")
+    jacobian = slicer.util.arrayFromVolume(result.jacobianVolume)
+    np.testing.assert_allclose(ijk_to_ras_of(result.jacobianVolume), ijk_to_ras_of(reference), atol=1e-9)
+    np.testing.assert_allclose(jacobian, jacobian_determinant(displacement_in_voxels(engine.displacement)),
+                               rtol=1e-5, atol=1e-6)
+    assert np.mean(jacobian <= 0) == pytest.approx(result.metrics["folding_fraction"])
+    assert jacobian.std() > 0.01  # the field is not a translation
+
+
+def test_landmark_error_follows_the_output_transform(scene, logic, pair_3d, model_3d):
+    """Floating landmarks put where Slicer's evaluation of the output transform sends the reference
+    ones: the error after is zero, before it is their distance."""
+    reference, floating = pair_3d
+    first = logic.register(reference, floating, model=model_3d, finetune=False, device="cpu")
+    points = interior_points(reference, margin=4, step=6)[:6]
+    targets = transform_points(first.transform, points)
+    reference_landmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference landmarks")
+    floating_landmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "floating landmarks")
+    for point, target in zip(points, targets):
+        reference_landmarks.AddControlPoint(list(point))
+        floating_landmarks.AddControlPoint(list(target))
+    result = logic.register(reference, floating, model=model_3d, finetune=False, device="cpu",
+                            referenceLandmarks=reference_landmarks, floatingLandmarks=floating_landmarks)
+    tre = result.metrics["tre"]
+    assert tre["points"] == 6 and tre["after"]["max_mm"] < 1e-3
+    np.testing.assert_allclose(tre["before"]["per_point_mm"], np.linalg.norm(points - targets, axis=1), atol=1e-3)
+    assert tre["before"]["mean_mm"] > 2.0
+    assert ("Landmark error (TRE, mean of 6)", f"{tre['before']['mean_mm']:.2f} mm", "0.00 mm") in \
+        logic.metricsRows(result.metrics)
+    floating_landmarks.RemoveNthControlPoint(0)
+    with pytest.raises(ValueError, match="same landmarks in the same order; they have 6 and 5 points"):
+        logic.register(reference, floating, model=model_3d, referenceLandmarks=reference_landmarks,
+                       floatingLandmarks=floating_landmarks)
+
+
+def test_every_output_node_keeps_the_record_of_its_run(scene, logic, pair_3d, model_3d, ventricles_array,
+                                                      tmp_path):
+    import json
+
+    from SARRegistrationLib.model import sha256_of
+
+    reference, floating = pair_3d
+    weights = save_model(model_3d, tmp_path / "tiny_3d.pt")
+    structure = add_segmentation(scene, {"ventricles": ventricles_array}, ijk_to_ras(**FLOATING_RAS), "ventricles")
+    result = logic.register(reference, floating, structure, structure, weightsPath=str(weights), maxIterations=3,
+                            optimisationIterations=2, computeInverse=True, computeJacobian=True, device="cpu")
+    record = result.record
+    assert record["weights"] == {"path": str(weights), "sha256": sha256_of(weights)}
+    assert record["settings"]["max_iterations"] == 3 and record["settings"]["optimisation_iterations"] == 2
+    assert record["iterations"] == 3 and record["device"] == "cpu" and record["seconds"] > 0
+    assert record["mode"] == "volume" and record["instance_optimisation"]["levels"] == 3
+    assert any("loss" in line for line in record["log"])  # the finetuning losses, iteration by iteration
+    outputs = [result.warpedVolume, result.transform, result.inverseTransform, result.jacobianVolume,
+               result.referenceMaskSegmentation, result.floatingMaskSegmentation, result.warpedSegmentation]
+    for node in outputs:
+        assert json.loads(node.GetAttribute("SARRegistration.RunRecord")) == json.loads(json.dumps(record))
+
+
+def test_defaults_are_the_engines(module, logic):
+    """The logic, the parameter node and the panel start from the engine's defaults."""
+    import inspect
+
+    from SARRegistrationLib.instance_optimisation import OptimisationSettings
+    from SARRegistrationLib.objective import LossWeights
+
+    engine = inspect.signature(sar.register).parameters
+    mine = inspect.signature(logic.register).parameters
+    for engine_name, name in (("mode", "mode"), ("device", "device"), ("affine", "affine"), ("network", "network"),
+                              ("finetune", "finetune"), ("max_iterations", "maxIterations"),
+                              ("tolerance", "tolerance"), ("smoothness", "smoothness"),
+                              ("instance_optimisation", "instanceOptimisation"),
+                              ("optimisation_iterations", "optimisationIterations"),
+                              ("optimisation_levels", "optimisationLevels")):
+        assert mine[name].default == engine[engine_name].default, name
+    parameters = module.SARRegistrationParameterNode
+    assert parameters.mode is module.RegistrationMode.AUTO and parameters.device is module.ComputeDevice.AUTO
+    assert parameters.network.engineValue() is engine["network"].default
+    assert parameters.preset is module.RegistrationPreset.ACCURATE
+    settings = OptimisationSettings()
+    assert (parameters.optimisationIterations, parameters.optimisationLevels) == (settings.iterations,
+                                                                                  settings.levels)
+    assert parameters.smoothness == LossWeights().smoothness
+    assert (parameters.maxIterations, parameters.tolerance, parameters.finetune, parameters.instanceOptimisation,
+            parameters.affine) == (engine["max_iterations"].default, engine["tolerance"].default,
+                                   engine["finetune"].default, engine["instance_optimisation"].default,
+                                   engine["affine"].default)
+    # The presets name parameter-node settings, and the menus list what the decisions offer, in order.
+    assert set(module.PRESET_PARAMETERS) <= set(typing.get_type_hints(parameters, vars(module)))
+    assert [preset.value for preset in module.RegistrationPreset] == [*module.decisions.PRESETS, "custom"]
+    assert [device.value for device in module.ComputeDevice] == \
+        [choice.device for choice in module.decisions.deviceChoices(True)]
+    for ndims in (2, 3):
+        from SARRegistrationLib.model import default_weights_path
+        assert module.shippedWeightsPath(ndims) == default_weights_path(ndims)
+
+
+def test_memory_estimate_of_the_chosen_volumes(scene, logic, pair_3d, module):
+    reference, floating = pair_3d
+    voxels = 12 * 32 * 32
+    estimate = logic.estimatedMemoryBytes(reference, floating, computeInverse=True)
+    assert estimate == module.decisions.estimatedMemoryBytes(voxels, voxels, 4, inverse=True)
+    assert logic.totalMemoryBytes() is None or logic.totalMemoryBytes() > 2 ** 28
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 
 def vector_volume(scene, brain_array):
@@ -795,34 +1205,80 @@ def test_measures_are_tabulated(module):
     assert [row[0] for row in module.SARRegistrationLogic.metricsRows({"iterations": 0})] == ["Finetuning iterations"]
 
 
-@pytest.mark.parametrize("pytorch_utils", [False, True])
-def test_missing_packages_are_installed_after_one_confirmation(logic, module, monkeypatch, pytorch_utils):
-    """PyTorch through the PyTorch Utils extension when it is there, otherwise pip; the rest with pip."""
-    installed = {"numpy", "SimpleITK", "scipy", "tqdm"}
-    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: object() if name in installed else None)
-    questions, pip_calls, torch_utils_calls = [], [], []
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kwargs: questions.append(text))
-    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements, *args, **kwargs: pip_calls.append(requirements))
-    if pytorch_utils:
-        class PyTorchUtilsLogic:
-            def installTorch(self, **kwargs):
-                torch_utils_calls.append(kwargs)
-                return types.ModuleType("torch")
-        monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    else:
-        monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # "import PyTorchUtils" fails
+@pytest.fixture
+def dependencies(module):
+    """The module's dependency helper (imported with the module)."""
+    return sys.modules["SARRegistrationDependencies"]
 
-    assert logic.missingPythonPackages() == ["torch", "scikit-image"]
+
+@pytest.mark.parametrize("pydeps", [False, True])
+def test_packages_are_checked_by_version_and_installed_after_one_confirmation(logic, dependencies, monkeypatch,
+                                                                               pydeps):
+    """Missing or too old: one question; PyTorch through PyTorch Utils, the rest with pip_ensure or pip."""
+    versions = {"scipy": "1.8.0", "tqdm": "4.66.0"}  # torch and scikit-image missing, scipy too old
+    monkeypatch.setattr(dependencies, "installedVersion", lambda name: versions.get(name))
+    questions, pip_calls, torch_calls = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kwargs: questions.append(text))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements, *args, **kwargs: pip_calls.append(
+        requirements) or versions.update({"scipy": "1.17.1", "scikit-image": "0.26.0"}))
+
+    class PyTorchUtilsLogic:
+        def torchInstalled(self):
+            return "torch" in versions
+
+        def installTorch(self, **kwargs):
+            torch_calls.append(kwargs)
+            versions["torch"] = "2.13.0"
+            return types.ModuleType("torch")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    if pydeps:
+        def pip_ensure(requirements, **kwargs):
+            pip_calls.append(([str(requirement) for requirement in requirements], kwargs))
+            versions.update({"scipy": "1.17.1", "scikit-image": "0.26.0"})
+        monkeypatch.setitem(sys.modules, "slicer.pydeps", types.SimpleNamespace(pip_ensure=pip_ensure))
+    else:
+        monkeypatch.setitem(sys.modules, "slicer.pydeps", None)  # Slicer before 5.11
+
+    assert logic.missingPythonPackages() == ["torch>=2.0", "scipy>=1.10", "scikit-image>=0.22"]
     assert logic.installPythonPackages() is False  # declined: nothing installed
-    assert len(questions) == 1 and "torch, scikit-image" in questions[0] and not pip_calls
+    assert len(questions) == 1 and "torch>=2.0, scipy>=1.10 (1.8.0 is installed), scikit-image>=0.22" in questions[0]
+    assert not pip_calls and not torch_calls
 
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kwargs: True)
     assert logic.installPythonPackages() is True
-    if pytorch_utils:
-        assert torch_utils_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.0"}]
-        assert pip_calls == [["scikit-image>=0.22"]]
+    assert torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.0"}]
+    if pydeps:
+        assert pip_calls == [(["scipy>=1.10", "scikit-image>=0.22"],
+                              {"prompt_install": False, "requester": "SAR Registration"})]
     else:
-        assert pip_calls == ["torch>=2.0", ["scikit-image>=0.22"]]
+        assert pip_calls == [["scipy>=1.10", "scikit-image>=0.22"]]
+    assert logic.missingPythonPackages() == []
+
+
+def test_pytorch_comes_only_from_the_pytorch_extension(logic, dependencies, monkeypatch):
+    """No silent CPU-only ``pip install torch``: without the PyTorch extension, or with a PyTorch too
+    old to replace while loaded, the message says what to do."""
+    versions = {"scipy": "1.17.1", "scikit-image": "0.26.0", "tqdm": "4.70.1"}
+    monkeypatch.setattr(dependencies, "installedVersion", lambda name: versions.get(name))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *args, **kwargs: pytest.fail("pip must not install torch"))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # "import PyTorchUtils" fails
+    with pytest.raises(RuntimeError, match="needs the PyTorch extension.*Extensions Manager"):
+        logic.installPythonPackages(askConfirmation=False)
+    versions["torch"] = "1.13.1"
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: None))
+    assert logic.missingPythonPackages() == ["torch>=2.0"]
+    with pytest.raises(RuntimeError, match="PyTorch 1.13.1 is installed but SAR Registration needs torch>=2.0"):
+        logic.installPythonPackages(askConfirmation=False)
+
+
+def test_minimum_versions_admit_the_pinned_requirements(dependencies):
+    """The module asks for at least what requirements.txt pins (the versions the tests run on)."""
+    pinned = dict(line.split("==") for line in (MODULE_DIR.parent / "requirements.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    asked = (dependencies.TORCH_REQUIREMENT, *dependencies.PIP_REQUIREMENTS)
+    assert dependencies.unsatisfied(asked, lambda name: pinned.get(name)) == []
+    assert {requirement.split(">")[0] for requirement in asked} <= set(pinned)
 
 
 def test_finetuning_reports_progress_and_measures(scene, logic, pair_3d, model_3d):
@@ -836,9 +1292,13 @@ def test_finetuning_reports_progress_and_measures(scene, logic, pair_3d, model_3
 
 # ----------------------------------------------------------------------------------------------- description
 
-def test_module_description(module):
+def test_module_description(module, monkeypatch):
+    connected = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda *args: connected.append(args)),
+                        raising=False)
     parent = types.SimpleNamespace()
     module.SARRegistration(parent)
+    assert connected == [("startupCompleted()", module.registerSampleData)]
     assert parent.title == "SAR Registration" and parent.categories == ["Registration"]
     assert parent.contributors and "Slicer" not in parent.contributors[0]
     assert "Combining Transfer Learning and Segmentation" in parent.acknowledgementText
@@ -851,7 +1311,8 @@ def test_cmake_files_name_existing_files_and_build_an_extension():
     extension = (root / "CMakeLists.txt").read_text()
     for required in ("project(SARRegistration)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
                      "add_subdirectory(SARRegistration)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
-                     "include(${Slicer_EXTENSION_CPACK})", "EXTENSION_CATEGORY \"Registration\""):
+                     "include(${Slicer_EXTENSION_CPACK})", "EXTENSION_CATEGORY \"Registration\"",
+                     "EXTENSION_DEPENDS \"PyTorch\""):
         assert required in extension, required
     assert (root / "SARRegistration.png").is_file()
     module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
@@ -862,6 +1323,9 @@ def test_cmake_files_name_existing_files_and_build_an_extension():
         relative = entry.replace("${MODULE_NAME}", "SARRegistration")
         assert (MODULE_DIR / relative).is_file() or (root / relative).is_file(), entry
     assert "${PROJECT_SOURCE_DIR}/SARRegistrationLib/*.py" in module_cmake
+    # Every Python file of the module is built and installed, the helpers the module imports too.
+    scripts = {entry.replace("${MODULE_NAME}", "SARRegistration") for entry in listed if entry.endswith(".py")}
+    assert scripts == {path.name for path in MODULE_DIR.glob("*.py")}
 
 
 def test_the_modules_own_slicer_test_runs_on_the_sample_pair(module, scene, monkeypatch, model_2d):
@@ -887,6 +1351,29 @@ def test_the_modules_own_slicer_test_runs_on_the_sample_pair(module, scene, monk
     assert result.wasSuccessful() and result.testsRun == 1, result.errors + result.failures
 
 
+def test_sample_data_module_offers_the_command_lines_sample_pair(module, scene, monkeypatch):
+    """Registered with the Sample Data module at start-up without reading the engine; clicking it
+    loads the four files of ``cli.SAMPLE``, the list ``register --sample`` uses."""
+    from SARRegistrationLib.cli import SAMPLE
+
+    registered, loaded = [], []
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **source: registered.append(source))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    for loader, kind in (("loadVolume", "volume"), ("loadLabelVolume", "labels")):
+        monkeypatch.setattr(slicer.util, loader, lambda path, properties, kind=kind: loaded.append(
+            (path, kind, properties["name"])) or scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+    module.registerSampleData()
+    (source,) = registered
+    assert source["category"] == "Registration" and Path(source["thumbnailFileName"]).is_file()
+    assert not loaded
+    source["customDownloader"](source)
+    assert [(path, kind) for path, kind, _ in loaded] == [
+        (str(SAMPLE["reference"]), "volume"), (str(SAMPLE["floating"]), "volume"),
+        (str(SAMPLE["reference_mask"]), "labels"), (str(SAMPLE["floating_mask"]), "labels")]
+
+
 def test_engine_is_found_from_the_source_tree(module, monkeypatch):
     """Slicer puts SARRegistration/ on the path; the engine is one folder up, in the repository root."""
     monkeypatch.setattr(sys, "path", [str(MODULE_DIR)])
@@ -902,6 +1389,164 @@ def test_module_file_does_not_import_torch_at_import_time():
                          for alias in node.names] + [node.module for node in tree.body
                                                      if isinstance(node, ast.ImportFrom)]
     assert not [name for name in top_level_imports if name and name.split(".")[0] in ("torch", "SARRegistrationLib")]
+
+
+# ----------------------------------------------------------------------------------------------- the panel
+
+class FakeWidget:
+    """Any widget of the panel, as the widget code uses it: properties are kept, signals recorded."""
+
+    def __init__(self):
+        self.__dict__.update(enabled=True, visible=True, text="", toolTip="", value=0, currentPath="", lines=[],
+                             items={}, cells={}, slots={})
+
+    def connect(self, signal, slot):
+        self.slots[signal] = slot
+
+    def model(self):
+        return types.SimpleNamespace(item=lambda index: self.items.setdefault(index, FakeItem()))
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+    def clear(self):
+        self.lines.clear()
+
+    def setRowCount(self, count):
+        self.cells = {}
+
+    def setItem(self, row, column, text):
+        self.cells[row, column] = text
+
+    def resizeColumnsToContents(self):
+        pass
+
+    def setMRMLScene(self, scene):
+        pass
+
+
+class FakeItem:
+    def setEnabled(self, enabled):
+        self.enabled = enabled
+
+    def setToolTip(self, text):
+        self.toolTip = text
+
+
+class FakeTimer:
+    def setInterval(self, milliseconds):
+        pass
+
+    def connect(self, signal, slot):
+        self.slot = slot
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+def fake_parameter_node(module, scene):
+    """The parameter node as the panel sees it: every parameter at its default, bound to nothing."""
+    hints = typing.get_type_hints(module.SARRegistrationParameterNode, vars(module))
+    parameters = types.SimpleNamespace(**{name: getattr(module.SARRegistrationParameterNode, name, None)
+                                          for name in hints})
+    parameters.parameterNode = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SARRegistration")
+    parameters.connectGui = lambda ui: "tag"
+    parameters.disconnectGui = lambda tag: None
+    return parameters
+
+
+@pytest.fixture
+def panel(module, scene, monkeypatch):
+    """The module's widget on fake Qt widgets, with the real logic and scene."""
+    monkeypatch.setattr(module.qt, "QTimer", FakeTimer, raising=False)
+    monkeypatch.setattr(module.qt, "QTableWidgetItem", lambda text: text, raising=False)
+    ui = collections.defaultdict(FakeWidget)
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: FakeWidget(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: types.SimpleNamespace(
+        **{name: ui[name] for name in widget_names_used_by_module()}), raising=False)
+    parameters = fake_parameter_node(module, scene)
+    monkeypatch.setattr(module.SARRegistrationLogic, "getParameterNode", lambda self: parameters)
+    monkeypatch.setattr(module.SARRegistrationLogic, "installPythonPackages",
+                        staticmethod(lambda askConfirmation=True: True))
+    monkeypatch.setattr(module.SARRegistrationLogic, "showResults", lambda self, *args, **kwargs: None)
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text), raising=False)
+    widget = module.SARRegistrationWidget(types.SimpleNamespace(isEntered=True))
+    # The parameter node here is no VTK object: observing it is the real wrapper's business.
+    monkeypatch.setattr(widget, "addObserver", lambda obj, *args: None if obj is parameters else
+                        module.VTKObservationMixin.addObserver(widget, obj, *args))
+    monkeypatch.setattr(widget, "removeObserver", lambda *args: None)
+    widget.setup()
+    widget.errors = errors
+    yield widget
+    widget.cleanup()  # stops observing the scene, which the scene fixture then clears
+
+
+def run_panel_timer(widget, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while widget._pollTimer.active:
+        assert time.monotonic() < deadline, "the panel's run did not end"
+        widget._onPollTimer()
+        time.sleep(0.01)
+
+
+def test_panel_runs_a_registration_without_blocking(panel, module, scene, pair_3d):
+    reference, floating = pair_3d
+    parameters = panel._parameterNode
+    run_panel_timer(panel)  # the GPU probe, started with the panel, ends
+    assert panel._cudaAvailable is False and not panel.ui.deviceComboBox.items[1].enabled
+    assert not panel.ui.applyButton.enabled and "Select the reference" in panel.ui.applyButton.toolTip
+    parameters.referenceVolume, parameters.floatingVolume = reference, floating
+    parameters.preset = module.RegistrationPreset.FAST
+    panel._onParameterNodeModified()
+    assert panel.ui.applyButton.enabled
+    assert parameters.maxIterations == module.decisions.PRESETS["fast"]["maxIterations"]
+    parameters.optimisationIterations = 3  # a hand edit: the preset becomes custom
+    panel._onParameterNodeModified()
+    assert parameters.preset is module.RegistrationPreset.CUSTOM
+    parameters.computeJacobian = True
+
+    panel.onApplyButton()
+    assert panel._run is not None and not panel.ui.applyButton.enabled and panel.ui.cancelButton.enabled
+    assert "A registration is running" in panel.ui.applyButton.toolTip
+    running = panel._run
+    panel.onApplyButton()  # a second press while it runs starts nothing
+    assert panel._run is running
+    run_panel_timer(panel)
+    assert not panel.errors and panel._run is None and panel.ui.applyButton.enabled
+    assert parameters.warpedVolume is not None and parameters.jacobianVolume.GetScene() is scene
+    assert panel.ui.statusLabel.text.startswith("Done in")
+    assert ("Registration", "", "instance optimisation alone (no network)") in [
+        tuple(panel.ui.metricsTableWidget.cells[row, column] for column in range(3))
+        for row in range(len(panel.ui.metricsTableWidget.cells) // 3)]
+    assert any("instance optimisation" in line for line in panel.ui.logTextEdit.lines)
+
+
+def test_panel_cancel_and_errors(panel, module, scene, pair_3d, monkeypatch):
+    reference, floating = pair_3d
+    parameters = panel._parameterNode
+    parameters.referenceVolume, parameters.floatingVolume = reference, floating
+    panel.onApplyButton()
+    panel.onCancelButton()
+    assert not panel.ui.cancelButton.enabled and "Cancelling" in panel.ui.statusLabel.text
+    run_panel_timer(panel)
+    assert panel.ui.statusLabel.text == "Cancelled. The scene was left as it was." and not panel.errors
+    assert parameters.warpedVolume is None
+    # A failure in the worker (here the engine's import) reaches the dialog.
+    with monkeypatch.context() as broken:
+        broken.setitem(sys.modules, "SARRegistrationLib", None)
+        panel.onApplyButton()
+        run_panel_timer(panel)
+    assert panel.errors and "Registration failed" in panel.errors[0] and "SARRegistrationLib" in panel.errors[0]
+    # Inputs refused before anything starts reach it too.
+    parameters.floatingVolume = reference
+    panel.onApplyButton()
+    assert len(panel.errors) == 2 and "must be different volumes" in panel.errors[1] and panel._run is None
 
 
 # ----------------------------------------------------------------------------------------------- the .ui file

@@ -1,0 +1,221 @@
+"""Instance optimisation: a residual field on top of the network's, optimised for one pair.
+
+The network gives a fast first estimate; this stage gives the accuracy, as uniGradICON's instance
+optimisation and ConvexAdam's Adam stage do. The residual lives on a control grid (linear
+interpolation between control points, a diffusion penalty between them), optimised with Adam from
+coarse to fine on ``2 - NMI`` (which holds when the contrasts differ), optionally with the log-Dice
+of SAR's own masks. Each iteration compares at most ``samples`` voxels, drawn at random (as
+Elastix's random sampler does), so its cost does not grow with the image: a 3D volume costs about
+what a 2D image does. Draws come from a seeded generator, so a run is deterministic on the CPU.
+
+Tensors are ``(1, C, *spatial)`` on the optimisation grid, fields in voxels of that grid, channel
+``i`` along array axis ``i`` (see :mod:`spatial`), pull-back: ``warped(x) = floating(x + u(x))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import losses
+from .errors import RegistrationCancelled, SettingsError
+from .optimisers import Adam
+from .spatial import downsample
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class OptimisationSettings:
+    """How the residual field is optimised. Defaults chosen on non-brain and synthetic pairs."""
+
+    levels: int = 3  # resolution levels, coarsest first: images shrunk by 2**(levels-1), ..., 1
+    iterations: int = 40  # Adam iterations per level
+    samples: int = 8192  # voxels compared per iteration; every voxel when a level has fewer
+    control_spacing: int = 8  # voxels of a level between control points
+    learning_rate: float = 0.15  # voxels of the optimisation grid per step, at most
+    smoothness: float = 2.0  # weight of the diffusion penalty on the control grid
+    mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
+    bins: int = 32  # NMI histogram bins
+    nmi_kernel: str = "linear"  # Parzen window of the NMI histograms: "linear" (fast) or "gaussian"
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("levels", "iterations", "samples", "control_spacing", "bins"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SettingsError(f"The instance optimisation's {name.replace('_', ' ')} must be a whole number "
+                                    f"of at least 1, not {value!r}.")
+        for name in ("learning_rate", "smoothness", "mask_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
+                raise SettingsError(f"The instance optimisation's {name.replace('_', ' ')} must be a finite "
+                                    f"number of at least 0, not {value!r}.")
+        if self.nmi_kernel not in ("linear", "gaussian"):
+            raise SettingsError(f"The instance optimisation's NMI kernel must be 'linear' or 'gaussian', "
+                                f"not {self.nmi_kernel!r}.")
+
+
+@dataclass
+class OptimisationResult:
+    displacement: torch.Tensor  # (1, ndims, *spatial) voxels: the initial field plus the residual
+    iterations: int
+    start_loss: float  # the objective on the evaluation voxels, before and after
+    final_loss: float
+    kept_initial: bool  # the residual did not lower the objective, so the initial field was kept
+
+
+def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: torch.Tensor | None = None,
+                      settings: OptimisationSettings | None = None, *, reference_mask: torch.Tensor | None = None,
+                      floating_mask: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
+                      progress: ProgressCallback | None = None,
+                      cancel: Callable[[], bool] | None = None) -> OptimisationResult:
+    """Optimise ``initial + residual`` so that ``floating`` warped by it matches ``reference``.
+
+    Args:
+        reference, floating: ``(1, 1, *spatial)`` images in [0, 1] on one grid.
+        initial: ``(1, ndims, *spatial)`` voxel field to start from (the network's); zero if None.
+        reference_mask, floating_mask: SAR's soft masks ``(1, 1, *spatial)``, for ``mask_weight``.
+        ignore_mask: ``(1, 1, *spatial)`` in [0, 1], 1 where the images are not compared.
+
+    The objective is measured on one fixed set of voxels before and after; if the residual did not
+    lower it, the initial field is returned unchanged, so this stage never ends worse (by its own
+    measure) than where it started.
+    """
+    settings = settings or OptimisationSettings()
+    settings.check()
+    shape = tuple(reference.shape[2:])
+    ndims = len(shape)
+    initial = None if initial is None else initial.detach()  # None: the identity, never sampled
+    use_masks = settings.mask_weight > 0 and reference_mask is not None and floating_mask is not None
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+
+    def images_at(factor: int) -> dict:
+        level_shape = tuple(max(2, -(-n // factor)) for n in shape)
+        images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, level_shape)}
+        if ignore_mask is not None:
+            images["ignore"] = downsample(ignore_mask, level_shape)
+        if use_masks:
+            images["reference_mask"] = downsample(reference_mask, level_shape)
+            images["floating_mask"] = downsample(floating_mask, level_shape)
+        return images
+
+    finest = images_at(1)
+    evaluation_points = _points(shape, settings.samples * 4, torch.Generator(device="cpu").manual_seed(
+        settings.seed + 1), reference.device)
+    residual = None
+    with torch.no_grad():
+        start_loss = float(_objective(finest, initial, None, evaluation_points, settings, use_masks, shape))
+
+    total = settings.levels * settings.iterations
+    done = 0
+    for level in range(settings.levels):
+        factor = 2 ** (settings.levels - 1 - level)
+        images = finest if factor == 1 else images_at(factor)
+        level_shape = tuple(images["reference"].shape[2:])
+        control_shape = tuple(max(2, -(-(n - 1) // settings.control_spacing) + 1) for n in level_shape)
+        residual = torch.zeros(1, ndims, *control_shape, dtype=reference.dtype, device=reference.device) \
+            if residual is None else _resize(residual.detach(), control_shape)
+        residual.requires_grad_(True)
+        adam = Adam([residual], lr=settings.learning_rate)
+        for iteration in range(settings.iterations):
+            # The step shrinks linearly to a tenth within each level: the random samples make the
+            # gradient noisy, and smaller final steps average that noise out instead of ending on it.
+            adam.lr = settings.learning_rate * (1 - 0.9 * iteration / settings.iterations)
+            if cancel is not None and cancel():
+                raise RegistrationCancelled("Registration cancelled during instance optimisation; nothing was written.")
+            points = _points(level_shape, settings.samples, generator, reference.device)
+            adam.zero_grad()
+            loss = _objective(images, initial, residual, points, settings, use_masks, shape)
+            loss.backward()
+            adam.step()
+            done += 1
+            if progress is not None:
+                progress(done / total, f"instance optimisation: level {level + 1} of {settings.levels}, "
+                                       f"iteration {done}, loss {float(loss.detach()):.4f}")
+
+    with torch.no_grad():
+        final_loss = float(_objective(finest, initial, residual, evaluation_points, settings, use_masks, shape))
+        if initial is None:
+            initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
+        if final_loss >= start_loss:
+            return OptimisationResult(initial, done, start_loss, final_loss, kept_initial=True)
+        displacement = initial + _resize(residual.detach(), shape)
+    return OptimisationResult(displacement, done, start_loss, final_loss, kept_initial=False)
+
+
+def _points(shape, samples: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Where to compare: ``(1, N, ndims)`` positions in ``grid_sample``'s normalised ``[-1, 1]``, array axis order.
+
+    Every voxel centre when the grid has at most ``samples`` voxels, else ``samples`` uniform draws.
+    """
+    ndims = len(shape)
+    voxels = 1
+    for n in shape:
+        voxels *= n
+    if voxels <= samples:
+        axes = [torch.linspace(-1, 1, n) for n in shape]
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, ndims)
+    else:
+        points = torch.rand(1, samples, ndims, generator=generator) * 2 - 1
+    return points.to(device)
+
+
+def _sample(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``volume`` ``(1, C, *spatial)`` at ``points`` ``(1, N, ndims)``, linearly: ``(1, C, N)``."""
+    ndims = points.shape[-1]
+    grid = points.flip(-1).view(1, -1, *([1] * (ndims - 1)), ndims)  # grid_sample reads x first
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
+
+
+def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tensor | None, points: torch.Tensor,
+               settings: OptimisationSettings, use_masks: bool, full_shape) -> torch.Tensor:
+    """``2 - NMI`` (+ log-Dice of the masks, + diffusion of the residual) at ``points``.
+
+    ``initial`` and ``residual`` (either may be None: zero) are in voxels of the optimisation grid,
+    of shape ``full_shape``.
+    """
+    displacement = torch.zeros(1, len(full_shape), points.shape[1], dtype=points.dtype, device=points.device)
+    if initial is not None:
+        displacement = displacement + _sample(initial, points)  # (1, ndims, N)
+    if residual is not None:
+        displacement = displacement + _sample(residual, points)
+    to_normalised = torch.tensor([2.0 / max(n - 1, 1) for n in full_shape], dtype=points.dtype,
+                                 device=points.device)
+    moved = points + displacement.transpose(1, 2) * to_normalised
+    warped = _sample(images["floating"], moved)
+    fixed = _sample(images["reference"], points)
+    weights = None if "ignore" not in images else 1 - _sample(images["ignore"], points)
+    loss = 2.0 - losses.normalized_mutual_information(warped, fixed, bins=settings.bins, mask=weights,
+                                                   kernel=settings.nmi_kernel)
+    if use_masks:
+        loss = loss + settings.mask_weight * losses.log_dice_loss(
+            _sample(images["floating_mask"], moved), _sample(images["reference_mask"], points))
+    if residual is not None and settings.smoothness:
+        loss = loss + settings.smoothness * _diffusion(residual, full_shape)
+    return loss
+
+
+def _diffusion(control: torch.Tensor, full_shape) -> torch.Tensor:
+    """Mean squared difference of neighbouring control points, per voxel of their spacing (unitless)."""
+    total = 0.0
+    for axis in range(control.dim() - 2):
+        count = control.shape[axis + 2]
+        if count < 2:
+            continue
+        spacing = (full_shape[axis] - 1) / (count - 1)  # voxels of the optimisation grid between control points
+        step = control.narrow(axis + 2, 1, count - 1) - control.narrow(axis + 2, 0, count - 1)
+        step = step / spacing
+        total = total + (step * step).mean()  # not pow(): see optimisers.Adam on threaded unary ops
+    return total
+
+
+def _resize(field: torch.Tensor, shape) -> torch.Tensor:
+    """A control grid (or field) on a grid of ``shape`` over the same extent (corners aligned)."""
+    if tuple(field.shape[2:]) == tuple(shape):
+        return field
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=True)

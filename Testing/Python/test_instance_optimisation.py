@@ -1,0 +1,135 @@
+"""Instance optimisation: accuracy on known fields, its guard, cancel, progress, determinism, 2D and 3D."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from helpers import one_torch_thread  # noqa: F401 - autouse fixture
+from SARRegistrationLib import register
+from SARRegistrationLib.deformations import known_deformation
+from SARRegistrationLib.errors import RegistrationCancelled, SettingsError
+from SARRegistrationLib.instance_optimisation import OptimisationSettings, optimise_residual
+from SARRegistrationLib.optimisers import Adam
+
+
+def _applied_field(transform, reference) -> np.ndarray:
+    """``transform``'s displacement on the reference grid: ``(*spatial, ndims)`` mm, physical components."""
+    return sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(),
+        reference.GetDirection()))
+
+
+@pytest.fixture(scope="module")
+def lung_pair(read_test_image):
+    """A real non-brain 2D image (rat lung MR, 128 x 128) and a known 5 mm B-spline deformation of it."""
+    image = sitk.Cast(read_test_image("rat_lung_1.nrrd"), sitk.sitkFloat32)
+    reference, _, transform = known_deformation(image, None, np.random.default_rng(3), 5.0)
+    return reference, image, transform
+
+
+def test_lowers_a_known_fields_error_on_a_real_image(lung_pair):
+    reference, floating, transform = lung_pair
+    result = register(reference, floating, device="cpu")
+    assert result.metrics["network"] is False and result.metrics["instance_optimisation"]["iterations"] == 120
+    applied = _applied_field(transform, reference)
+    error = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
+    assert error < 0.4 * np.linalg.norm(applied, axis=-1).mean()
+    assert result.metrics["folding_fraction"] < 0.005
+    assert result.reference_mask is None and result.floating_mask is None  # no network, no SAR masks
+
+
+def test_never_ends_worse_than_its_start():
+    """A start that is already the answer (identical images, zero field) is kept when nothing beats it."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, 24, 24, generator=generator)
+    image = torch.nn.functional.avg_pool2d(image, 3, 1, 1)  # some structure, not white noise
+    result = optimise_residual(image, image)
+    assert result.final_loss <= result.start_loss
+    if result.kept_initial:
+        assert torch.count_nonzero(result.displacement) == 0
+
+
+def test_starting_field_is_kept_when_the_residual_cannot_improve_it(lung_pair):
+    reference, floating, _ = lung_pair
+    fixed = torch.from_numpy(sitk.GetArrayFromImage(reference))[None, None] / 255
+    start = torch.full((1, 2, *fixed.shape[2:]), 0.25)
+    # No step at all (learning rate 0): the residual stays zero and so cannot lower the objective.
+    result = optimise_residual(fixed, fixed, start, OptimisationSettings(learning_rate=0.0, iterations=2))
+    assert result.kept_initial and torch.equal(result.displacement, start)
+
+
+def test_progress_and_cancel_during_instance_optimisation(lung_pair):
+    reference, floating, _ = lung_pair
+    messages = []
+    register(reference, floating, device="cpu", optimisation_iterations=3, optimisation_levels=2,
+             progress=lambda fraction, message: messages.append((fraction, message)))
+    stage = [fraction for fraction, message in messages if message.startswith("instance optimisation")]
+    assert len(stage) == 6 and stage == sorted(stage)
+    assert messages[-1] == (1.0, "done")
+
+    asked = []
+
+    def cancel():
+        asked.append(True)
+        return any(message.startswith("instance optimisation") for _, message in seen)
+
+    seen = []
+    with pytest.raises(RegistrationCancelled, match="instance optimisation"):
+        register(reference, floating, device="cpu", progress=lambda f, m: seen.append((f, m)), cancel=cancel)
+    assert sum(message.startswith("instance optimisation") for _, message in seen) == 1
+
+
+def test_same_inputs_give_the_same_field_twice(lung_pair):
+    reference, floating, _ = lung_pair
+    first, second = (register(reference, floating, device="cpu") for _ in range(2))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(first.displacement), sitk.GetArrayFromImage(second.displacement))
+
+
+def test_tiny_2d_and_3d_runs(read_test_image):
+    for name, factor in (("brain_t1.nrrd", 4), ("brain3d_t1.nii.gz", 4)):
+        image = sitk.Cast(sitk.Shrink(read_test_image(name), [factor] * 3 if "3d" in name else [factor] * 2),
+                          sitk.sitkFloat32)
+        moved, _, _ = known_deformation(image, None, np.random.default_rng(0), 4.0)
+        result = register(moved, image, device="cpu")
+        assert result.metrics["instance_optimisation"]["iterations"] > 0
+        assert result.displacement.GetSize() == moved.GetSize()
+
+
+def test_volume_moved_along_z_only_is_recovered_with_defaults(read_test_image):
+    """Issue 13: with every default, motion across slices is found (the network's slice-wise mode cannot)."""
+    volume = sitk.Cast(sitk.Shrink(read_test_image("brain3d_t1.nii.gz"), [2, 2, 1]), sitk.sitkFloat32)
+    slice_axis = np.array(volume.GetDirection()).reshape(3, 3)[:, 2]  # physical direction of k (here -y)
+    shift_mm = 4.0 * slice_axis  # more than a slice (3 mm) along the slice axis
+    # floating(p) = volume(p - shift): reference point p is found at p + shift in the floating image.
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (-shift_mm).tolist()), sitk.sitkLinear)
+    result = register(volume, floating, device="cpu")
+    assert result.metrics["mode"] == "slicewise" or result.metrics["network"] is False
+    field = sitk.GetArrayFromImage(result.displacement)  # (z, y, x, 3) mm, physical components
+    brain = sitk.GetArrayFromImage(volume) > np.percentile(sitk.GetArrayFromImage(volume), 60)
+    recovered = field[brain].mean(axis=0)
+    along_slices = recovered @ slice_axis
+    assert abs(along_slices - 4.0) < 1.0, recovered
+    assert np.linalg.norm(recovered - along_slices * slice_axis) < 1.0, recovered
+
+
+def test_bad_settings_are_refused(lung_pair):
+    with pytest.raises(SettingsError, match="iterations"):
+        OptimisationSettings(iterations=0).check()
+    with pytest.raises(SettingsError, match="turn one of them on"):
+        register(*lung_pair[:2], network=False, instance_optimisation=False)
+    with pytest.raises(SettingsError, match="NMI kernel"):
+        OptimisationSettings(nmi_kernel="cubic").check()
+
+
+def test_adam_matches_torch_adam():
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randn(5, 3, generator=generator)
+    ours, theirs = (torch.zeros(5, 3, requires_grad=True) for _ in range(2))
+    optimisers = (Adam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05))
+    for _ in range(25):
+        for parameter, optimiser in zip((ours, theirs), optimisers):
+            optimiser.zero_grad()
+            ((parameter - target) ** 4).sum().backward()
+            optimiser.step()
+    torch.testing.assert_close(ours, theirs)
