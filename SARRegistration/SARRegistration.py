@@ -1038,6 +1038,21 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         self._activeRun = SARRegistrationRun(self, self._prepare(**arguments.arguments))
         return self._activeRun
 
+    @staticmethod
+    def registerBatch(pairsCsv, outputDir, *, progress: Callable[[float, str], None] | None = None,
+                      cancel: Callable[[], bool] | None = None, **options) -> list:
+        """Register every pair of files in a CSV manifest with the engine's batch code, as
+        ``python -m SARRegistrationLib batch`` does: pair ``id`` into ``outputDir/id/``, one row per
+        pair in ``outputDir/report.csv`` and ``report.json``, and pairs done by an earlier run skipped.
+
+        ``options`` are the engine's ``register`` keywords (``mode="slicewise"``, ``max_iterations=50``,
+        ``weights=...``; see ``SARRegistrationLib.batch.run_batch``). Returns the report's rows.
+        Works on files only: the scene is not touched. A cancelled batch keeps the pairs it finished.
+        """
+        from SARRegistrationLib.batch import read_pairs, run_batch
+
+        return run_batch(read_pairs(pairsCsv), outputDir, progress=progress, cancel=cancel, **options)
+
     def _prepare(self, referenceVolume, floatingVolume, referenceStructure, floatingStructure, *, ignoreMask,
                  initialTransform, referenceLandmarks, floatingLandmarks, mode, device, affine, network, finetune,
                  maxIterations, tolerance, smoothness, instanceOptimisation, optimisationIterations,

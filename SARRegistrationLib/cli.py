@@ -1,4 +1,4 @@
-"""Command line: ``python -m SARRegistrationLib register | train | evaluate``."""
+"""Command line: ``python -m SARRegistrationLib register | batch | train | evaluate``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m SARRegistrationLib",
                                      description="SAR deformable registration (segmentation augmented GAN).")
-    commands = parser.add_subparsers(required=True, metavar="{register,train,evaluate}")
+    commands = parser.add_subparsers(required=True, metavar="{register,batch,train,evaluate}")
 
     register = commands.add_parser("register", help="register a floating image to a reference image")
     register.add_argument("--reference", type=Path, help="reference (fixed) image file")
@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_registration_options(register)
     register.add_argument("--no-qa", action="store_true", help="do not write the QA figure qa.png")
     register.set_defaults(run=_run_register)
+
+    batch = commands.add_parser(
+        "batch", help="register every pair of a CSV manifest into a folder each, with a report; resumable, and "
+                      "shared out over the processes of torchrun")
+    batch.add_argument("--pairs", type=Path, required=True,
+                       help="CSV file with a header: reference, floating and optionally reference_mask, "
+                            "floating_mask, ignore_mask, id; relative paths are relative to its folder")
+    batch.add_argument("--output-dir", type=Path, required=True,
+                       help="pair ID's outputs go to OUTPUT_DIR/ID/, the report to OUTPUT_DIR/report.csv and .json")
+    _add_registration_options(batch)
+    batch.add_argument("--no-qa", action="store_true", help="do not write the QA figures qa.png")
+    batch.set_defaults(run=_run_batch)
 
     train = commands.add_parser("train", help="train a SAR model on images with optional masks")
     train.add_argument("--images", nargs="+", type=Path, default=[],
@@ -153,6 +165,34 @@ def _run_register(args) -> int:
     return 0
 
 
+def _run_batch(args) -> int:
+    """Exit status 0 when every pair is registered, 1 when some failed, 130 when interrupted."""
+    from .batch import FAILED, REGISTERED, SKIPPED, read_pairs, run_batch, succeeded
+    from .distributed import launched_rank
+
+    pairs = read_pairs(args.pairs)
+    report = args.output_dir / "report.csv"
+    first_rank = launched_rank()[0] == 0
+    try:
+        with _ProgressBar("batch", disable=not first_rank) as bar:
+            rows = run_batch(pairs, args.output_dir, qa_figure=not args.no_qa, progress=bar.update,
+                             **_registration_kwargs(args))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the pairs that finished are intact; {report} lists them.", file=sys.stderr)
+        return 130
+    if first_rank:
+        statuses = [row["status"] for row in rows]
+        print(f"{len(rows)} pairs: {statuses.count(REGISTERED)} registered, {statuses.count(SKIPPED)} done before, "
+              f"{statuses.count(FAILED)} failed")
+        for row in rows:
+            if row["status"] == FAILED:
+                print(f"  {row['id']}: {row['error']}")
+        print(f"wrote {report} and {report.with_suffix('.json')}")
+    if succeeded(rows):
+        return 0
+    return 1 if all(row["status"] in (REGISTERED, SKIPPED, FAILED) for row in rows) else 130
+
+
 def _run_train(args) -> int:
     from .objective import LossWeights
     from .training import TrainingSettings, train
@@ -208,8 +248,9 @@ def _run_evaluate(args) -> int:
 class _ProgressBar:
     """A tqdm bar driven by the engine's ``progress(fraction, message)`` callback."""
 
-    def __init__(self, description: str):
-        self.bar = tqdm(total=100, desc=description, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    def __init__(self, description: str, disable: bool = False):
+        self.bar = tqdm(total=100, desc=description, file=sys.stderr, disable=disable,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
 
     def update(self, fraction: float, message: str) -> None:
         self.bar.n = round(100 * fraction)

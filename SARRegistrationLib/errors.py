@@ -13,6 +13,10 @@ class SettingsError(SARError, ValueError):
     """An option is out of range: an unknown mode, a negative tolerance, no iterations."""
 
 
+class ManifestError(SARError, ValueError):
+    """A batch's list of pairs cannot be used (no such file, a missing column, an id that is taken or unsafe)."""
+
+
 class WeightsError(SARError):
     """A weights file is missing, corrupt, not a SAR checkpoint, or fails its hash check."""
 

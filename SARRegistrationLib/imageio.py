@@ -190,26 +190,27 @@ def grid_with_shape(image: sitk.Image, size) -> sitk.Image:
     return grid
 
 
-def working_grid(reference: sitk.Image, max_size: int, keep_axes=()) -> sitk.Image:
+def working_grid(reference: sitk.Image, max_size: int, keep_axes=(), multiple: int = GRID_MULTIPLE) -> sitk.Image:
     """The network's grid over the reference's extent: at most ``max_size`` voxels per axis.
 
     Its voxels are as close to cubic as the image allows, since the networks are trained on
     isotropic grids: the physically longest axis gets ``max_size`` voxels (or its own count, if
     fewer) and the others the same spacing, but never more voxels than they have (thick slices of
-    0.5 x 0.5 x 5 mm are not interpolated up). Sizes are then rounded up to a multiple of 8; axes
-    in ``keep_axes`` (SimpleITK ``x, y, z`` order) keep their voxel count, as the slice axis does
-    in slice-wise registration.
+    0.5 x 0.5 x 5 mm are not interpolated up). Sizes are then rounded up to a multiple of
+    ``multiple`` (the network's needs 8; instance optimisation's grid takes 1, so an image within
+    its size is its own grid); axes in ``keep_axes`` (SimpleITK ``x, y, z`` order) keep their voxel
+    count, as the slice axis does in slice-wise registration.
     """
     size = np.array(reference.GetSize())
     extent = size * np.array(reference.GetSpacing())
     scaled_axes = [axis for axis in range(len(size)) if axis not in keep_axes]
     spacing = max(extent[scaled_axes]) / max_size
     counts = np.minimum(size, extent / spacing)
-    # Round up to a multiple of 8 (the 1e-9 absorbs float error in n * max_size / n), but never
-    # past the largest multiple of 8 that max_size allows.
-    ceiling = max(GRID_MULTIPLE, max_size // GRID_MULTIPLE * GRID_MULTIPLE)
+    # Round up to a multiple (the 1e-9 absorbs float error in n * max_size / n), but never past
+    # the largest multiple that max_size allows.
+    ceiling = max(multiple, max_size // multiple * multiple)
     new_size = [int(size[axis]) if axis in keep_axes else
-                min(ceiling, int(np.ceil(counts[axis] / GRID_MULTIPLE - 1e-9)) * GRID_MULTIPLE)
+                min(ceiling, int(np.ceil(counts[axis] / multiple - 1e-9)) * multiple)
                 for axis in range(len(size))]
     return grid_with_shape(reference, new_size)
 

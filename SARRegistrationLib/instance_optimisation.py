@@ -34,10 +34,10 @@ class OptimisationSettings:
 
     levels: int = 3  # resolution levels, coarsest first: images shrunk by 2**(levels-1), ..., 1
     iterations: int = 40  # Adam iterations per level
-    samples: int = 8192  # voxels compared per iteration; every voxel when a level has fewer
+    samples: int = 16384  # voxels compared per iteration; every voxel when a level has fewer
     control_spacing: int = 8  # voxels of a level between control points
-    learning_rate: float = 0.15  # voxels of the optimisation grid per step, at most
-    smoothness: float = 2.0  # weight of the diffusion penalty on the control grid
+    learning_rate: float = 0.2  # voxels of the level per step, at most (a coarse level's are larger)
+    smoothness: float = 1.0  # weight of the diffusion penalty on the control grid
     mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
     bins: int = 32  # NMI histogram bins
     nmi_kernel: str = "linear"  # Parzen window of the NMI histograms: "linear" (fast) or "gaussian"
@@ -63,7 +63,7 @@ class OptimisationSettings:
 class OptimisationResult:
     displacement: torch.Tensor  # (1, ndims, *spatial) voxels: the initial field plus the residual
     iterations: int
-    start_loss: float  # the objective on the evaluation voxels, before and after
+    start_loss: float  # the objective on the evaluation voxels, of the start and of the returned field
     final_loss: float
     kept_initial: bool  # the residual did not lower the objective, so the initial field was kept
 
@@ -94,7 +94,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
 
     def images_at(factor: int) -> dict:
-        level_shape = tuple(max(2, -(-n // factor)) for n in shape)
+        level_shape = tuple(-(-n // factor) for n in shape)
         images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, level_shape)}
         if ignore_mask is not None:
             images["ignore"] = downsample(ignore_mask, level_shape)
@@ -116,15 +116,19 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         factor = 2 ** (settings.levels - 1 - level)
         images = finest if factor == 1 else images_at(factor)
         level_shape = tuple(images["reference"].shape[2:])
-        control_shape = tuple(max(2, -(-(n - 1) // settings.control_spacing) + 1) for n in level_shape)
+        # Two control points at least along an axis, one along a single-voxel axis (a slice: no motion there).
+        control_shape = tuple(1 if n == 1 else max(2, -(-(n - 1) // settings.control_spacing) + 1)
+                              for n in level_shape)
         residual = torch.zeros(1, ndims, *control_shape, dtype=reference.dtype, device=reference.device) \
             if residual is None else _resize(residual.detach(), control_shape)
         residual.requires_grad_(True)
         adam = Adam([residual], lr=settings.learning_rate)
         for iteration in range(settings.iterations):
-            # The step shrinks linearly to a tenth within each level: the random samples make the
-            # gradient noisy, and smaller final steps average that noise out instead of ending on it.
-            adam.lr = settings.learning_rate * (1 - 0.9 * iteration / settings.iterations)
+            # Steps are in the level's voxels, so coarse levels travel far (capture range: on 15 mm
+            # deformations the field error was 1.25 mm with full-resolution steps, 0.26 mm so), and
+            # shrink linearly to a tenth within each level: the random samples make the gradient
+            # noisy, and smaller final steps average that noise out instead of ending on it.
+            adam.lr = settings.learning_rate * factor * (1 - 0.9 * iteration / settings.iterations)
             if cancel is not None and cancel():
                 raise RegistrationCancelled("Registration cancelled during instance optimisation; nothing was written.")
             points = _points(level_shape, settings.samples, generator, reference.device)
@@ -142,7 +146,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
         if final_loss >= start_loss:
-            return OptimisationResult(initial, done, start_loss, final_loss, kept_initial=True)
+            return OptimisationResult(initial, done, start_loss, start_loss, kept_initial=True)
         displacement = initial + _resize(residual.detach(), shape)
     return OptimisationResult(displacement, done, start_loss, final_loss, kept_initial=False)
 

@@ -185,10 +185,13 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     if affine:
         report(0.03, "affine pre-alignment")
         prealignment = affine_align(reference, floating)
-    # The network's grid; slices run along SimpleITK's k axis (array axis 0), which keeps its voxel count.
-    grid = imageio.working_grid(reference, model.working_size if network else OPTIMISATION_GRID_SIZE[ndims],
-                                keep_axes=(2,) if slicewise else ())
-    overlap = imageio.check_overlap(grid, reference, floating, prealignment)
+    # The network's grid (slices run along SimpleITK's k axis, array axis 0, which keeps its voxel
+    # count) and instance optimisation's, which needs no multiple of 8.
+    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ()) \
+        if network else None
+    optimisation_grid = None if optimisation is None else \
+        imageio.working_grid(reference, OPTIMISATION_GRID_SIZE[ndims], multiple=1)
+    overlap = imageio.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
     stage_seconds["preparation"] = time.perf_counter() - started
 
     iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
@@ -225,10 +228,11 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     optimisation_summary = False
     if optimisation is not None:
         stage_start = time.perf_counter()
-        field_grid, field_voxels, optimisation_summary = _instance_optimisation(
-            reference, floating, prealignment, ignore_mask, field_grid, field_voxels, encoding, slicewise, optimisation,
-            torch_device, lambda f, message: report(0.5 + 0.4 * f if network else 0.05 + 0.85 * f, message),
-            cancel)
+        field_voxels, optimisation_summary = _instance_optimisation(
+            reference, floating, prealignment, ignore_mask, optimisation_grid, field_grid, field_voxels, encoding,
+            slicewise, optimisation, torch_device,
+            lambda f, message: report(0.5 + 0.4 * f if network else 0.05 + 0.85 * f, message), cancel)
+        field_grid = optimisation_grid
         optimisation_summary["seconds"] = round(time.perf_counter() - stage_start, 3)
         stage_seconds["instance_optimisation"] = time.perf_counter() - stage_start
         _check_cancel(cancel)
@@ -320,11 +324,11 @@ def _optimisation_settings(instance_optimisation, iterations, levels) -> Optimis
     return settings
 
 
-def _instance_optimisation(reference, floating, prealignment, ignore_mask, field_grid, field_voxels, encoding,
+def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid, field_grid, field_voxels, encoding,
                            encoding_slicewise: bool, settings: OptimisationSettings, device, progress, cancel):
-    """The residual stage: the images and the first estimate on the optimisation grid, then
-    :func:`optimise_residual`. Returns that grid, the total field on it in voxels, and a summary."""
-    grid = imageio.working_grid(reference, OPTIMISATION_GRID_SIZE[reference.GetDimension()])
+    """The residual stage: the images and the network's estimate (``field_voxels`` on ``field_grid``,
+    or None) on the optimisation ``grid``, then :func:`optimise_residual`. Returns the total field on
+    ``grid`` in voxels and a summary."""
     fixed = network_input(reference, grid, False, device)
     moving = network_input(floating, grid, False, device, prealignment)
     initial = None
@@ -342,7 +346,7 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, field
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial}
-    return grid, result.displacement[0].detach().cpu().numpy().astype(np.float64), summary
+    return result.displacement[0].detach().cpu().numpy().astype(np.float64), summary
 
 
 def _same_geometry(grid: sitk.Image, reference: sitk.Image) -> bool:

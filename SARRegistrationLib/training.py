@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import losses
+from .distributed import join_process_group
 from .errors import RegistrationCancelled, WeightsError
 from .finetuning import CancelCheck
 from .inflation import inflate_to_3d
@@ -91,7 +91,7 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     steps; ``resume=True`` continues from it. The final weights get a JSON model card. Started by
     ``torchrun`` with several processes, it trains data-parallel (see the module docstring).
     """
-    rank, world_size, device = _distributed_setup(torch.device(device))
+    rank, world_size, device = join_process_group(torch.device(device))
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     if settings.vgg16_weights or settings.init_from:  # the feature extractor comes trained: no feature stage
         settings = replace(settings, feature_steps=0)
@@ -207,19 +207,6 @@ def _training_passes(model: SARModel, distributed: bool) -> dict:
     if distributed:
         passes = {name: DistributedDataParallel(module) for name, module in passes.items()}
     return passes
-
-
-def _distributed_setup(device: torch.device):
-    """``(rank, world size, device)``; joins the process group when started by ``torchrun``."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size < 2:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
 
 
 def _ranks_in_sync(model: SARModel) -> bool:

@@ -3,27 +3,40 @@
 Every method turns a :class:`Pair` (reference and floating image, SimpleITK, same physical space)
 into a :class:`MethodOutput`: its displacement field **on the reference grid, in millimetres, ITK
 convention** (reference point ``p`` maps to ``p + d(p)`` in the floating image: what SAR's
-``displacement.nrrd``, Elastix's and ANTs' fields all are) and the wall-clock seconds of its
-registration call. The benchmark then warps every method's floating mask with SimpleITK through
-that field and measures it with the same code, so all methods are measured identically.
+``displacement.nrrd``, Elastix's, ANTs' and Greedy's composed fields all are; ConvexAdam's voxel
+field is converted) and the wall-clock seconds of its registration call. The benchmark then warps
+every method's floating mask with SimpleITK through that field and measures it with the same code,
+so all methods are measured identically. ``convention_check.py`` checks each conversion on a
+known translation and a known rigid motion.
 
 What each method times (``time.perf_counter``, same process):
 
 - SAR: the whole :func:`SARRegistrationLib.register` call (working-grid resampling, network,
-  finetuning, field back on the reference grid). The model is loaded beforehand, untimed.
+  finetuning, instance optimisation, field back on the reference grid). The model is loaded
+  beforehand, untimed.
 - VoxelMorph: the same scope as SAR: resampling to the same working grid, the network's forward
   pass, the field back on the reference grid. The network is loaded beforehand, untimed.
 - Elastix: the ``itk.elastix_registration_method`` call.
 - ANTs: the ``ants.registration`` call.
+- Greedy: its rigid and its deformable ``execute`` calls (not the composition of the two into one
+  field).
+- ConvexAdam: resampling both images onto its isotropic grid and the ``convex_adam_pt`` call.
 
-The optional packages (``itk-elastix``, ``antspyx``, ``voxelmorph``) are imported only when their
-method is prepared; a missing one raises :class:`NotRun`, which the benchmark reports as a row
-"not run: <package> not installed". Missing weights do the same ("not run: weights missing").
+The optional packages (``itk-elastix``, ``antspyx``, ``voxelmorph``, ``picsl-greedy``,
+``convexadam``) are imported only when their method is prepared; a missing one raises
+:class:`NotRun`, which the benchmark reports as a row "not run: <package> not installed". Missing
+weights do the same ("not run: weights missing"), and so does an engine whose ``register`` lacks
+a keyword a SAR row needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
+import math
+import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,6 +65,8 @@ def require(module: str, package: str):
 
 
 def display_path(path) -> str:
+    if path is None:
+        return "none given"
     path = Path(path)
     try:
         return str(path.resolve().relative_to(REPO))
@@ -63,7 +78,7 @@ def display_path(path) -> str:
 class Pair:
     """One registration problem with a known answer: the floating image is a known deformation."""
 
-    dataset: str  # "2D" or "3D"
+    dataset: str  # the group's name, e.g. "2D T1->PD"
     index: int
     reference: sitk.Image
     floating: sitk.Image
@@ -109,22 +124,20 @@ class Method:
     def run(self, pair: Pair) -> MethodOutput:
         raise NotImplementedError
 
-    # The attribute that bounds a run's iterations and the small value a warm-up needs, if any.
-    warm_up_setting: tuple[str, object] | None = None
+    # The attributes that bound a run's iterations and the small values a warm-up needs.
+    warm_up_settings: dict = {}
 
     def warm_up(self, pair: Pair) -> None:
         """An untimed run on a small pair so that one-time costs (lazy imports, first kernels) are
-        not charged to the first timed pair; with ``warm_up_setting``, a run of few iterations."""
-        if self.warm_up_setting is None:
-            self.run(pair)
-            return
-        name, quick = self.warm_up_setting
-        saved = getattr(self, name)
-        setattr(self, name, quick)
+        not charged to the first timed pair; with ``warm_up_settings``, a run of few iterations."""
+        saved = {name: getattr(self, name) for name in self.warm_up_settings}
+        for name, quick in self.warm_up_settings.items():
+            setattr(self, name, quick)
         try:
             self.run(pair)
         finally:
-            setattr(self, name, saved)
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     def settings(self) -> dict:
         return {}
@@ -143,40 +156,68 @@ class Before(Method):
 
 
 class SARMethod(Method):
-    """SAR through :func:`SARRegistrationLib.register`, with or without last-layer finetuning."""
+    """SAR through :func:`SARRegistrationLib.register`, one row per combination of its stages.
 
-    warm_up_setting = ("max_iterations", 2)
+    ``network`` (the trained network's field), ``finetune`` (last-layer finetuning, paper §2.3) and
+    ``instance_optimisation`` (a residual field optimised per pair) are passed to ``register`` as
+    they are, so each ablation row is this one class with other switches. ``network=False`` needs
+    no weights (``weights=None``). If ``register`` lacks a keyword a row passes, :meth:`prepare`
+    raises :class:`NotRun` naming it.
+    """
 
-    def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True, mode: str = "volume",
-                 max_iterations: int = 100, device: str = "auto"):
+    warm_up_settings = {"max_iterations": 2, "optimisation_iterations": 2}
+
+    def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True,
+                 instance_optimisation: bool = True, network: bool = True, mode: str = "auto",
+                 max_iterations: int = 100, optimisation_iterations: int | None = None, device: str = "auto"):
         self.key, self.label = key, label
-        self.weights = Path(weights)
-        self.ndims, self.finetune, self.mode = ndims, finetune, mode
-        self.max_iterations, self.device = max_iterations, device
+        self.weights = None if weights is None else Path(weights)
+        self.ndims, self.mode = ndims, mode
+        self.network, self.finetune, self.instance_optimisation = network, finetune and network, instance_optimisation
+        self.max_iterations, self.optimisation_iterations, self.device = max_iterations, optimisation_iterations, device
         self.model = None
+
+    def _keywords(self) -> dict:
+        keywords = {"mode": self.mode, "device": self.device, "finetune": self.finetune,
+                    "max_iterations": self.max_iterations, "instance_optimisation": self.instance_optimisation,
+                    "network": self.network}
+        if self.optimisation_iterations is not None:
+            keywords["optimisation_iterations"] = self.optimisation_iterations
+        return keywords
 
     def prepare(self) -> None:
         from SARRegistrationLib.devices import resolve_device
         from SARRegistrationLib.model import load_model
+        from SARRegistrationLib.registration import register
 
-        if not self.weights.is_file():
-            raise NotRun(f"weights missing ({display_path(self.weights)})")
+        accepted = inspect.signature(register).parameters
+        missing = [name for name in self._keywords() if name not in accepted]
+        if missing:
+            raise NotRun(f"this engine's register() has no {', '.join(missing)} keyword")
         self.device = resolve_device(self.device)
+        if not self.network:
+            return
+        if self.weights is None or not self.weights.is_file():
+            raise NotRun(f"weights missing ({display_path(self.weights)})")
         self.model = load_model(self.weights, self.ndims, self.device)
 
     def run(self, pair: Pair) -> MethodOutput:
         from SARRegistrationLib.registration import register
 
         started = time.perf_counter()
-        result = register(pair.reference, pair.floating, self.model, mode=self.mode, device=self.device,
-                          finetune=self.finetune, max_iterations=self.max_iterations)
+        result = register(pair.reference, pair.floating, self.model, **self._keywords())
         seconds = time.perf_counter() - started
-        return MethodOutput(result.displacement, seconds,
-                            {"iterations": result.metrics["iterations"], "converged": result.metrics["converged"]})
+        extras = {name: result.metrics[name] for name in ("mode", "iterations", "converged", "instance_optimisation",
+                                                           "stage_seconds") if name in result.metrics}
+        return MethodOutput(result.displacement, seconds, extras)
 
     def settings(self) -> dict:
-        return {"weights": display_path(self.weights), "finetune": self.finetune, "mode": self.mode,
-                "max_iterations": self.max_iterations if self.finetune else 0}
+        settings = {"weights": display_path(self.weights) if self.network else None, "network": self.network,
+                    "finetune": self.finetune, "instance_optimisation": self.instance_optimisation, "mode": self.mode,
+                    "max_iterations": self.max_iterations if self.finetune else 0}
+        if self.instance_optimisation:
+            settings["optimisation_iterations"] = self.optimisation_iterations or "engine default"
+        return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +256,7 @@ class ElastixBSpline(Method):
 
     key, label = "elastix", "Elastix B-spline (MI)"
 
-    warm_up_setting = ("iterations", 2)
+    warm_up_settings = {"iterations": 2}
 
     def __init__(self, *, grid_spacing_mm: float = 10.0, resolutions: int = 4, iterations: int = 256,
                  threads: int | None = None, seed: int = 0):
@@ -278,7 +319,7 @@ class AntsSyN(Method):
 
     key, label = "ants", "ANTs SyN (MI)"
 
-    warm_up_setting = ("reg_iterations", (2, 0, 0))
+    warm_up_settings = {"reg_iterations": (2, 0, 0)}
 
     def __init__(self, *, reg_iterations=(40, 20, 0), seed: int = 0):
         self.reg_iterations = tuple(int(n) for n in reg_iterations)
@@ -319,6 +360,156 @@ class AntsSyN(Method):
     def settings(self) -> dict:
         return {"type_of_transform": "SyN", "aff_metric": "mattes", "syn_metric": "mattes",
                 "reg_iterations": list(self.reg_iterations), "random_seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy (picsl-greedy)
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Send the process's own stdout and stderr (file descriptors 1 and 2) to /dev/null for a while:
+    Greedy's optimiser (vnl's L-BFGS) prints messages from C even at ``-V 0``, past Python's streams."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+
+
+class GreedyMethod(Method):
+    """Greedy's standard two-stage pipeline: a rigid alignment, then greedy diffeomorphic registration.
+
+    ``-a -dof 6 -n 100x50x10`` (initialised from the image headers, which here share one physical
+    space; rigid because the benchmark's motions have no scaling or shear), then ``-it <rigid>
+    -n 100x50x10 -s 2vox 1vox``, both with ``metric``: ``"NCC"`` (radius 2 voxels per axis, Greedy's
+    documented choice within one contrast) or ``"NMI"`` (across contrasts). Greedy's reslicer
+    composes the warp and the rigid matrix (``-r warp affine -rc``) into one ITK displacement field
+    on the reference grid (LPS millimetres, ``p -> p + d(p)``, checked by ``convention_check.py``;
+    Greedy's matrices are RAS, its warps LPS). Images pass to Greedy in memory as SimpleITK images;
+    ``-seed`` is ``seed + 1`` because Greedy's ``-seed 0`` means "random". The floating mask is also
+    resliced natively (``-ri NN``) to cross-check the field.
+    """
+
+    key = "greedy"
+
+    warm_up_settings = {"iterations": "2x1x1"}
+
+    def __init__(self, *, metric: str = "NMI", iterations: str = "100x50x10", smoothing: str = "2vox 1vox",
+                 threads: int | None = None, seed: int = 0):
+        if metric not in ("NMI", "NCC"):
+            raise ValueError(f"metric must be 'NMI' or 'NCC', got {metric!r}")
+        self.metric, self.iterations, self.smoothing, self.threads, self.seed = metric, iterations, smoothing, threads, seed
+        self.label = f"Greedy ({metric})"
+        self.greedy = None
+
+    def prepare(self) -> None:
+        self.greedy = require("picsl_greedy", "picsl-greedy")
+
+    def _metric(self, ndims: int) -> str:
+        return "-m NMI" if self.metric == "NMI" else "-m NCC " + "x".join(["2"] * ndims)
+
+    def run(self, pair: Pair) -> MethodOutput:
+        ndims = pair.reference.GetDimension()
+        greedy = getattr(self.greedy, f"Greedy{ndims}D")()
+        common = f"-d {ndims} -V 0 -seed {self.seed + 1}" + (f" -threads {int(self.threads)}" if self.threads else "")
+        metric = self._metric(ndims)
+        images = {"fixed": sitk.Cast(pair.reference, sitk.sitkFloat32),
+                  "moving": sitk.Cast(pair.floating, sitk.sitkFloat32)}
+        with _native_output_silenced(), open(os.devnull, "w") as quiet:
+            started = time.perf_counter()
+            greedy.execute(f"{common} -i fixed moving -a -dof 6 {metric} -n {self.iterations} -o affine",
+                           out=quiet, err=quiet, affine=None, **images)
+            greedy.execute(f"{common} -i fixed moving -it affine {metric} -n {self.iterations} -s {self.smoothing} "
+                           f"-wp 0 -o warp", out=quiet, err=quiet, warp=None)
+            seconds = time.perf_counter() - started
+            greedy.execute(f"{common} -rf fixed -r warp affine -rc composed", out=quiet, err=quiet, composed=None)
+            greedy.execute(f"{common} -rf fixed -ri NN -rm moving_mask native_mask -r warp affine", out=quiet,
+                           err=quiet, moving_mask=sitk.Cast(pair.floating_mask, sitk.sitkFloat32), native_mask=None)
+        field_mm = field_on_reference(greedy["composed"], pair.reference)
+        native = sitk.Cast(greedy["native_mask"] > 0.5, sitk.sitkUInt8)
+        return MethodOutput(field_mm, seconds, {"native_mask": native})
+
+    def settings(self) -> dict:
+        metric = self._metric(2).replace("2x2", "2x2[x2]")
+        return {"rigid": f"-a -dof 6 {metric} -n {self.iterations}",
+                "deformable": f"{metric} -n {self.iterations} -s {self.smoothing}", "seed": self.seed + 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvexAdam (convexadam)
+
+
+def isotropic_grid(image: sitk.Image, spacing_mm: float, multiple: int) -> sitk.Image:
+    """An empty float32 grid over ``image``'s extent (same corner and direction), ``spacing_mm``
+    isotropic, each size rounded up to a multiple of ``multiple`` (the extra voxels lie beyond
+    the far corner)."""
+    ndims = image.GetDimension()
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    size = [int(math.ceil(length / spacing_mm / multiple - 1e-6)) * multiple for length in extent]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    direction = np.array(image.GetDirection()).reshape(ndims, ndims)
+    corner = np.array(image.TransformContinuousIndexToPhysicalPoint([-0.5] * ndims))
+    grid.SetSpacing([spacing_mm] * ndims)
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin((corner + direction @ np.full(ndims, spacing_mm / 2)).tolist())
+    return grid
+
+
+class ConvexAdamMethod(Method):
+    """ConvexAdam with MIND-SSC features (``convexAdam.convex_adam_MIND.convex_adam_pt``), 3D only.
+
+    As the package's own tests do, both images are resampled (linear) onto one isotropic grid, here
+    at the reference's finest spacing with sizes rounded up to a multiple of ``grid_sp`` (6), which
+    its coarse grid needs; every other parameter is the package default (MIND radius 1, dilation
+    2, λ 1.25, grid_sp 6, disp_hw 4, 80 Adam iterations, grid_sp_adam 2, inverse consistency on).
+    Its field is in voxels of that grid, numpy axis order, pulling back (``apply_convex`` samples
+    ``moving`` at ``x + d(x)``): :func:`displacement_to_sitk` turns it into millimetres there, and
+    it is resampled onto the reference grid. float32 and the benchmark's torch device.
+    """
+
+    key, label = "convexadam", "ConvexAdam (MIND-SSC)"
+
+    warm_up_settings = {"iterations": 2}
+    grid_spacing_voxels = 6  # convex_adam_pt's default grid_sp
+
+    def __init__(self, *, iterations: int = 80, device: str = "auto"):
+        self.iterations, self.device = iterations, device
+        self.convex_adam_pt = None
+
+    def prepare(self) -> None:
+        from SARRegistrationLib.devices import resolve_device
+
+        self.convex_adam_pt = require("convexAdam.convex_adam_MIND", "convexadam").convex_adam_pt
+        self.device = resolve_device(self.device)
+
+    def run(self, pair: Pair) -> MethodOutput:
+        import torch
+
+        if pair.reference.GetDimension() != 3:
+            raise NotRun("ConvexAdam registers 3D volumes only")
+        started = time.perf_counter()
+        grid = isotropic_grid(pair.reference, min(pair.reference.GetSpacing()), self.grid_spacing_voxels)
+        fixed, moving = (sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+                         for image in (pair.reference, pair.floating))
+        displacement = self.convex_adam_pt(fixed, moving, grid_sp=self.grid_spacing_voxels,
+                                           selected_niter=self.iterations, dtype=torch.float32, device=self.device)
+        seconds = time.perf_counter() - started
+        field_mm = displacement_to_sitk(np.moveaxis(displacement, -1, 0), grid)
+        return MethodOutput(field_on_reference(field_mm, pair.reference), seconds)
+
+    def settings(self) -> dict:
+        return {"function": "convexAdam.convex_adam_MIND.convex_adam_pt", "features": "MIND-SSC",
+                "grid": "isotropic at the reference's finest spacing", "grid_sp": self.grid_spacing_voxels,
+                "selected_niter": self.iterations, "other parameters": "package defaults", "dtype": "float32"}
 
 
 # ---------------------------------------------------------------------------------------------

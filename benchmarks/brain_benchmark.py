@@ -1,14 +1,15 @@
-"""Brain benchmark (issue #4): SAR against Elastix, ANTs and VoxelMorph on known deformations.
+"""Brain benchmark (issues #4 and #12): SAR against Elastix, ANTs, Greedy, ConvexAdam and VoxelMorph.
 
-    python benchmarks/brain_benchmark.py [--pairs N] [--seed S] [--quick] [--dims 2 3] \
-        [--output-dir benchmarks/results]
+    python benchmarks/brain_benchmark.py [--pairs N] [--seed S] [--quick] [--groups 2d-pd 3d-contrast ...] \
+        [--dims 2 3] [--threads 1] [--output-dir benchmarks/results]
 
-Each pair has a known answer. 2D: the BrainWeb PD slice is the reference and the T1 slice, moved
-(with its ventricle mask) by a seeded random cubic B-spline, is the floating image, so the pair is
-multimodal and the ventricle masks overlap imperfectly until registration restores them. 3D: the T1
-volume is the reference, and the floating volume is that volume moved by a seeded random B-spline
-and given a random intensity remapping (``deformations.augment_intensity`` with a non-monotonic
-curve always on), so the pair is not trivially mono-modal.
+Every pair has a known answer: the floating image (and its ventricle mask) is a brain image moved
+by a seeded random deformation, and the registration must bring the masks back into overlap. The
+groups (``GROUPS``) differ in contrast (same contrast; T1 against the PD slice; T1 against a
+T2-like remap of itself) and in deformation family (the engine's small B-splines; large B-splines
+after a rotation and a shift; the exponential of a random stationary velocity field), each with
+``--pairs`` pairs. Groups with the same ``seed_key`` share their deformations, so comparing them
+isolates the contrast.
 
 Every method yields a displacement field on the reference grid (mm, ITK convention); the floating
 mask is warped through it by SimpleITK with nearest-neighbour interpolation and compared with the
@@ -31,6 +32,7 @@ import os
 import platform
 import shlex
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from SARRegistrationLib import imageio, metrics  # noqa: E402
 from SARRegistrationLib.deformations import known_deformation  # noqa: E402
 from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines, contrast_families, deformation_families  # noqa: E402
 from benchmarks.baselines import NotRun, Pair  # noqa: E402
 
 DATA_DIR = REPO / "Testing" / "Data"
@@ -53,19 +55,68 @@ WEIGHTS_DIR = REPO / "Resources" / "Weights"
 BENCHMARK_WEIGHTS_DIR = REPO / "benchmarks" / "weights"
 METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"), ("mad_mm", "MAD (mm)"), ("folded_percent", "folded (%)"),
            ("seconds", "seconds"))
-QUICK = {"pairs": 1, "dims": [2], "sar_max_iterations": 10, "elastix_iterations": 32, "elastix_resolutions": 2,
-         "ants_iterations": [10, 5, 0]}
-FULL = {"pairs": 5, "dims": [2, 3], "sar_max_iterations": 100, "elastix_iterations": 256, "elastix_resolutions": 4,
-        "ants_iterations": [40, 20, 0]}
-# The SAR rows of one dataset: (key suffix, label prefix, network mode). 3D has the volume rows
-# (3D weights) and the slice-wise rows (2D weights, one batch of slices per volume).
-SAR_VARIANTS = {2: (("", "SAR", "volume"),),
-                3: (("", "SAR 3D volume", "volume"), ("_slicewise", "SAR slice-wise", "slicewise"))}
-OPTIONAL_PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "itk-elastix", "itk", "antspyx", "voxelmorph")
+QUICK = {"pairs": 1, "groups": ["2d-pd"], "sar_max_iterations": 10, "sar_optimisation_iterations": 10,
+         "elastix_iterations": 32, "elastix_resolutions": 2, "ants_iterations": [10, 5, 0], "greedy_iterations": "20x10x0",
+         "convexadam_iterations": 10}
+FULL = {"pairs": 5, "sar_max_iterations": 100, "sar_optimisation_iterations": None, "elastix_iterations": 256,
+        "elastix_resolutions": 4, "ants_iterations": [40, 20, 0], "greedy_iterations": "100x50x10",
+        "convexadam_iterations": 80}
+OPTIONAL_PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "itk-elastix", "itk", "antspyx", "voxelmorph",
+                     "picsl-greedy", "convexAdam")
+
+# The SAR rows of a group: (key suffix, label, network dimension, mode). 2D: the 2D network. 3D:
+# mode "auto" with the 2D weights (the network slice-wise, instance optimisation in full 3D), and
+# the 3D network on the whole volume when 3D weights exist.
+DEFAULT_LABEL = "SARRegistration default: instance optimisation (no network)"
+SAR_VARIANTS = {2: (("", "SAR", 2, "auto"),),
+                3: (("", "SAR", 2, "auto"), ("_volume", "SAR 3D volume", 3, "volume"))}
+# VoxelMorph rows: (key, label, network dimension, mode); 2D weights on a volume run slice-wise.
+VOXELMORPH_VARIANTS = {2: (("voxelmorph", "VoxelMorph", 2, "volume"),),
+                       3: (("voxelmorph", "VoxelMorph slice-wise", 2, "slicewise"),
+                           ("voxelmorph_volume", "VoxelMorph 3D volume", 3, "volume"))}
 
 
 # ---------------------------------------------------------------------------------------------
-# Pairs
+# Groups and pairs
+
+
+@dataclass(frozen=True)
+class Group:
+    """One dataset of the benchmark: which images, which contrast, which deformation family."""
+
+    key: str  # for --groups
+    name: str  # in the tables
+    ndims: int
+    contrast: str  # "same" (T1 vs T1), "pd" (PD reference, T1 floating; 2D), "t2-like" (T1 vs T2-like remap)
+    deformation: str  # "bspline" (engine, ≤ --max-displacement-mm), "large", "velocity"
+    seed_key: int  # pair k draws from default_rng((seed, seed_key, k)): same key, same deformations
+    title: str
+
+
+GROUPS = (
+    Group("2d-same", "2D same contrast", 2, "same", "bspline", 2,
+          "T1 slice (reference) and the T1 slice moved by a random B-spline (floating)"),
+    Group("2d-pd", "2D T1->PD", 2, "pd", "bspline", 2,
+          "BrainWeb PD slice (reference) and the T1 slice moved by the same B-splines (floating)"),
+    Group("2d-large", "2D large deformation", 2, "pd", "large", 20,
+          "PD slice (reference) and the T1 slice moved by a rotation, a shift and a large B-spline (floating)"),
+    Group("2d-velocity", "2D velocity field", 2, "pd", "velocity", 21,
+          "PD slice (reference) and the T1 slice moved by the exponential of a random velocity field (floating)"),
+    Group("3d-same", "3D same contrast", 3, "same", "bspline", 3,
+          "T1 volume (reference) and the volume moved by a random B-spline (floating)"),
+    Group("3d-contrast", "3D contrast change", 3, "t2-like", "bspline", 3,
+          "T1 volume (reference) and the volume moved by the same B-splines, remapped to a T2-like contrast "
+          "with a mild bias field and noise (floating)"),
+    Group("3d-large", "3D large deformation", 3, "same", "large", 30,
+          "T1 volume (reference) and the volume moved by a rotation, a shift and a large B-spline (floating)"),
+)
+GROUP_KEYS = tuple(group.key for group in GROUPS)
+# The default run: every group but 3D large deformation, which would add about 8 minutes (README).
+DEFAULT_GROUPS = tuple(key for key in GROUP_KEYS if key != "3d-large")
+
+
+def group_named(name: str) -> Group:
+    return next(group for group in GROUPS if name in (group.name, group.key))
 
 
 def _read(name: str, label: bool = False) -> sitk.Image:
@@ -73,30 +124,41 @@ def _read(name: str, label: bool = False) -> sitk.Image:
     return sitk.Cast(image != 0, sitk.sitkUInt8) if label else sitk.Cast(image, sitk.sitkFloat32)
 
 
-def brain_pairs(ndims: int, count: int, seed: int = 0, max_displacement_mm: float = 6.0, shrink: int = 1,
-                intensity_remap: bool = True) -> list[Pair]:
-    """``count`` seeded pairs whose floating image (and mask) is moved by a known random B-spline.
+def _images(group: Group) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """``(reference, base, mask)``: the floating image is ``base`` moved; ``mask`` fits both unmoved."""
+    if group.ndims == 2:
+        base, mask = _read("brain_t1.nrrd"), _read("brain_ventricles.nrrd", True)
+        return (_read("brain_pd.nrrd") if group.contrast == "pd" else base), base, mask
+    base, mask = _read("brain3d_t1.nii.gz"), _read("brain3d_ventricles.nii.gz", True)
+    return base, base, mask
 
-    2D: reference = PD slice, floating = T1 slice moved (the ventricle mask belongs to both).
-    3D: reference = the T1 volume, floating = the volume moved and, with ``intensity_remap``,
-    randomly remapped in intensity. Pair ``k`` draws from ``np.random.default_rng((seed, ndims, k))``.
-    ``shrink`` > 1 shrinks the images first (for fast tests).
+
+def group_pairs(group: Group, count: int, seed: int = 0, max_displacement_mm: float = 6.0,
+                large_displacement_mm: float = 20.0, shrink: int = 1) -> list[Pair]:
+    """``count`` seeded pairs of ``group``; pair ``k`` draws from ``default_rng((seed, group.seed_key, k))``.
+
+    The deformation is drawn first, so groups with one ``seed_key`` share it whatever their
+    contrast. ``shrink`` > 1 shrinks the images first (for fast tests).
     """
-    if ndims == 2:
-        reference, base, mask = _read("brain_pd.nrrd"), _read("brain_t1.nrrd"), _read("brain_ventricles.nrrd", True)
-    elif ndims == 3:
-        base, mask = _read("brain3d_t1.nii.gz"), _read("brain3d_ventricles.nii.gz", True)
-        reference = base
-    else:
-        raise ValueError(f"ndims must be 2 or 3, got {ndims}")
+    reference, base, mask = _images(group)
     if shrink > 1:
-        reference, base, mask = (sitk.Shrink(image, [shrink] * ndims) for image in (reference, base, mask))
+        reference, base, mask = (sitk.Shrink(image, [shrink] * group.ndims) for image in (reference, base, mask))
     pairs = []
     for index in range(count):
-        rng = np.random.default_rng((seed, ndims, index))
-        floating, floating_mask, _ = known_deformation(base, mask, rng, max_displacement_mm,
-                                                       remap_intensity=ndims == 3 and intensity_remap)
-        pairs.append(Pair(f"{ndims}D", index, reference, floating, mask, floating_mask))
+        rng = np.random.default_rng((seed, group.seed_key, index))
+        if group.deformation == "bspline":
+            floating, floating_mask, _ = known_deformation(base, mask, rng, max_displacement_mm)
+        elif group.deformation == "large":
+            transform = deformation_families.large_deformation_transform(base, rng, large_displacement_mm)
+            floating, floating_mask = deformation_families.move(base, mask, transform)
+        elif group.deformation == "velocity":
+            floating, floating_mask = deformation_families.move(
+                base, mask, deformation_families.velocity_field_transform(base, rng))
+        else:
+            raise ValueError(f"unknown deformation family {group.deformation!r}")
+        if group.contrast == "t2-like":
+            floating = contrast_families.t2_like(floating, rng)
+        pairs.append(Pair(group.name, index, reference, floating, mask, floating_mask))
     return pairs
 
 
@@ -221,40 +283,73 @@ def _paired(rows, dataset, first, second, name="dice"):
     return [values[(first, p)] - values[(second, p)] for p in pairs]
 
 
-def comparisons(rows: list[dict], summary: list[dict]) -> list[dict]:
-    """The figures issue #4 asks for, per dataset, computed from this run's rows.
+def _mean(entry, name):
+    return entry[name]["mean"] if _ran(entry) else None
 
-    For each SAR variant of the dataset (2D: SAR; 3D: SAR 3D volume and SAR slice-wise): time
-    ratio = mean seconds of Elastix over mean seconds of that SAR (finetuned); Dice differences =
-    that SAR (finetuned) minus Elastix, ANTs, the same network without finetuning (what finetuning
-    adds) and SAR-NoSeg of the same mode (what the segmentation terms add), paired by pair, mean ±
-    sd over the pairs both ran.
+
+def _comparison(rows, by_key, dataset, name, first, second) -> dict:
+    """``first`` against ``second`` on the pairs both ran: Dice of each, paired Dice and HD95
+    differences (first − second, mean ± sd), mean seconds of each and their ratio second / first."""
+    a, b = by_key.get((dataset, first)), by_key.get((dataset, second))
+    entry = {"dataset": dataset, "name": name, "first": first, "second": second,
+             "first_label": a["label"] if a else first, "second_label": b["label"] if b else second}
+    dice = _paired(rows, dataset, first, second)
+    if not dice:
+        entry.update(value=None, note=_why_not(a, entry["first_label"], b, entry["second_label"]))
+        return entry
+    seconds_a, seconds_b = _mean(a, "seconds"), _mean(b, "seconds")
+    entry.update(value=float(np.mean(dice)), dice_first=_mean(a, "dice"), dice_second=_mean(b, "dice"),
+                 dice_difference=_mean_sd(dice), hd95_difference=_mean_sd(_paired(rows, dataset, first, second,
+                                                                                     "hd95_mm")),
+                 seconds_first=seconds_a, seconds_second=seconds_b,
+                 seconds_ratio=seconds_b / seconds_a if seconds_a and seconds_b is not None else None)
+    return entry
+
+
+PEER_KEYS = ("elastix", "ants", "greedy", "convexadam", "voxelmorph", "voxelmorph_volume")
+
+
+def comparisons(rows: list[dict], summary: list[dict]) -> list[dict]:
+    """The figures issue #12 asks for, per group, computed from this run's rows.
+
+    SAR is the default pipeline's row (``sar``: instance optimisation, no network). Against the
+    best peer of the group (highest mean Dice among Elastix, ANTs, Greedy, ConvexAdam, VoxelMorph)
+    and against every peer that ran: Dice of each, paired Dice and HD95 differences (SAR − peer)
+    and seconds ratio peer / SAR. Then, per network variant, the ablations, each "with − without":
+    what the network adds (network + finetuning + instance optimisation vs instance optimisation
+    alone), what instance optimisation adds (vs network + paper finetuning), what finetuning adds
+    (vs the network alone) and what the segmentation terms add (vs SAR-NoSeg, same stages).
     """
     by_key = {(s["dataset"], s["method"]): s for s in summary}
     results = []
     for dataset in dict.fromkeys(s["dataset"] for s in summary):
-        for suffix, name, _ in SAR_VARIANTS[int(dataset.rstrip("D"))]:
-            sar_key, sar_name = f"sar{suffix}", f"{name} (finetuned)"
-            if (dataset, sar_key) not in by_key:
-                continue
-            others = [("elastix", "Elastix"), ("ants", "ANTs"), (f"sar_noft{suffix}", f"{name} (no finetuning)"),
-                      (f"sar_noseg{suffix}", name.replace("SAR", "SAR-NoSeg"))]
-            sar = by_key[(dataset, sar_key)]
-            elastix = by_key.get((dataset, "elastix"))
-            entry = {"dataset": dataset, "name": f"time(Elastix) / time({sar_name})", "kind": "ratio"}
-            if _ran(sar) and _ran(elastix) and sar["seconds"]["mean"]:
-                entry.update(value=elastix["seconds"]["mean"] / sar["seconds"]["mean"])
+        group = group_named(dataset)
+        peers = [s for s in summary if s["dataset"] == dataset and s["method"] in PEER_KEYS and _ran(s)]
+        best = max(peers, key=lambda s: s["dice"]["mean"], default=None)
+        if _ran(by_key.get((dataset, "sar"))):
+            if best is None:
+                results.append({"dataset": dataset, "name": "SAR default vs best peer", "first": "sar",
+                                "second": None, "value": None, "note": "no peer ran"})
             else:
-                entry.update(value=None, note=_why_not(sar, sar_name, elastix, "Elastix"))
-            results.append(entry)
-            for other_key, other_name in others:
-                entry = {"dataset": dataset, "name": f"Dice({sar_name}) − Dice({other_name})", "kind": "difference"}
-                differences = _paired(rows, dataset, sar_key, other_key)
-                if differences:
-                    entry.update(_mean_sd(differences), value=float(np.mean(differences)))
-                else:
-                    entry.update(value=None, note=_why_not(sar, sar_name, by_key.get((dataset, other_key)), other_name))
-                results.append(entry)
+                results.append(_comparison(rows, by_key, dataset, f"SAR default vs best peer ({best['label']})",
+                                           "sar", best["method"]))
+            for peer in peers:
+                results.append(_comparison(rows, by_key, dataset, f"SAR default vs {peer['label']}", "sar",
+                                           peer["method"]))
+        for suffix, name, _, _ in SAR_VARIANTS[group.ndims]:
+            full = f"sar_full{suffix}"
+            if (dataset, full) not in by_key:
+                continue
+            if not _ran(by_key[(dataset, full)]):  # one line for the variant, not one per comparison
+                results.append({"dataset": dataset, "name": f"{name} (all ablations)", "first": full, "second": None,
+                                "value": None, "note": f"{by_key[(dataset, full)]['label']}: "
+                                                       f"{by_key[(dataset, full)]['status']}"})
+                continue
+            for label, first, second in (("what the network adds", full, "sar"),
+                                         ("what instance optimisation adds", full, f"sar_finetune{suffix}"),
+                                         ("what finetuning adds", f"sar_finetune{suffix}", f"sar_network{suffix}"),
+                                         ("what the segmentation terms add", full, f"sar_noseg{suffix}")):
+                results.append(_comparison(rows, by_key, dataset, f"{name}: {label}", first, second))
     return results
 
 
@@ -290,25 +385,30 @@ def markdown_table(summary: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
+def _signed(stat, digits: int) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    return f"{stat['mean']:+.{digits}f} ± {stat['sd']:.{digits}f} (n = {stat['n']})"
+
+
+def _number(value, digits: int, unit: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{unit}"
+
+
 def markdown_comparisons(entries: list[dict], dataset: str) -> str:
-    lines = ["| comparison | value |", "|---|---|"]
+    lines = ["| comparison (first vs second) | Dice first / second | ΔDice (first − second) | ΔHD95 mm (first − second) "
+             "| seconds first / second | seconds second / first |", "|---|---|---|---|---|---|"]
     for entry in entries:
         if entry["dataset"] != dataset:
             continue
         if entry["value"] is None:
-            value = f"n/a ({entry.get('note', '')})"
-        elif entry["kind"] == "ratio":
-            value = f"{entry['value']:.2f}×"
-        else:
-            value = f"{entry['mean']:+.3f} ± {entry['sd']:.3f} (n = {entry['n']})"
-        lines.append(f"| {entry['name']} | {value} |")
+            lines.append(f"| {entry['name']} | n/a ({entry.get('note', '')}) | | | | |")
+            continue
+        lines.append(f"| {entry['name']} | {_number(entry['dice_first'], 3)} / {_number(entry['dice_second'], 3)} | "
+                     f"{_signed(entry['dice_difference'], 3)} | {_signed(entry['hd95_difference'], 2)} | "
+                     f"{_number(entry['seconds_first'], 2)} / {_number(entry['seconds_second'], 2)} | "
+                     f"{_number(entry['seconds_ratio'], 2, '×')} |")
     return "\n".join(lines)
-
-
-DATASET_TITLES = {
-    "2D": "2D: BrainWeb PD slice (reference) and T1 slice moved by a random known B-spline (floating)",
-    "3D": "3D: T1 volume (reference) and the volume moved by a random known B-spline, intensity-remapped (floating)",
-}
 
 
 def render_markdown(results: dict) -> str:
@@ -318,17 +418,18 @@ def render_markdown(results: dict) -> str:
              f"Command: `{results['command']}`", "",
              f"Machine: {machine['cpu']} — {machine['cpu_count']} CPU cores, {machine['platform']}, "
              f"Python {machine['python']}; torch {machine['torch']} ({machine['torch_threads']} threads), "
-             f"device {machine['device']}; ITK/ANTs threads {machine['itk_threads']}.", "",
+             f"device {machine['device']}; ITK/ANTs/Greedy threads {machine['itk_threads']}.", "",
              f"Packages: {packages}.", "",
              f"Date: {results['date']}. Settings: " + ", ".join(f"{k} = {v}" for k, v in results["settings"].items())
              + ".", "",
              "Dice, HD95 and MAD compare the reference mask with the floating mask warped (nearest neighbour) "
              "through each method's field on the reference grid; folded (%) is the share of reference voxels "
              "with a non-positive Jacobian determinant; seconds are each method's registration call only. "
-             "mean ± sample sd over pairs."]
+             "mean ± sample sd over pairs. Comparisons: paired differences over the pairs both rows ran; "
+             "\"SAR\" is the default row (network + finetuning + instance optimisation)."]
     for dataset in dict.fromkeys(s["dataset"] for s in results["summary"]):
         pairs = max((s["pairs"] for s in results["summary"] if s["dataset"] == dataset), default=0)
-        lines += ["", f"## {DATASET_TITLES.get(dataset, dataset)} — {results['settings'].get('pairs', pairs)} pairs",
+        lines += ["", f"## {dataset}: {group_named(dataset).title} — {results['settings'].get('pairs', pairs)} pairs",
                   "", markdown_table(results["summary"], dataset), "", "### Comparisons", "",
                   markdown_comparisons(results["comparisons"], dataset)]
     lines += ["", "Method settings:", ""]
@@ -339,7 +440,7 @@ def render_markdown(results: dict) -> str:
 
 
 def plot(summary: list[dict], path) -> Path:
-    """Grouped bars per method (one colour per dataset): Dice, HD95 with sd error bars; seconds on a log axis."""
+    """Grouped bars per method (one colour per group): Dice, HD95 with sd error bars; seconds on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,7 +478,7 @@ def plot(summary: list[dict], path) -> Path:
         axis.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(x, [" /\n".join(labels[m]) for m in methods], rotation=30, ha="right", fontsize=9)
     axes[0].set_ylim(0, 1)
-    axes[0].legend(title="dataset")
+    axes[0].legend(title="group", fontsize=8)
     axes[0].set_title("mean ± sd over pairs; not run = package or weights missing, or failed (see results.md)")
     figure.tight_layout()
     path = Path(path)
@@ -430,54 +531,68 @@ def machine_info(device: str = "auto", itk_threads=None) -> dict:
 # Command line
 
 
-def build_methods(ndims: int, args) -> list[baselines.Method]:
-    """The rows of one dataset, in table order."""
+def sar_rows(suffix: str, name: str, weights, noseg_weights, network_ndims: int, mode: str, **common) -> list:
+    """The ablation rows of one SAR variant: one :class:`baselines.SARMethod`, other switches."""
+    row = lambda key, label, path=weights, **switches: baselines.SARMethod(  # noqa: E731
+        f"{key}{suffix}", label, path, network_ndims, mode=mode, **switches, **common)
+    return [row("sar_network", f"{name} network alone", finetune=False, instance_optimisation=False),
+            row("sar_finetune", f"{name} network + paper finetuning", finetune=True, instance_optimisation=False),
+            row("sar_full", f"{name} network + paper finetuning + instance optimisation"),
+            row("sar_noseg", f"{name.replace('SAR', 'SAR-NoSeg')} network + finetuning + instance optimisation",
+                noseg_weights)]
+
+
+def build_methods(group: Group, args) -> list[baselines.Method]:
+    """The rows of one group, in table order. Greedy's metric follows the group's contrast (NCC within
+    one contrast, NMI across), as its documentation advises; the others use one setting for all."""
+    ndims = group.ndims
     weights = {2: (args.weights_2d, args.noseg_weights_2d, args.voxelmorph_weights_2d),
                3: (args.weights_3d, args.noseg_weights_3d, args.voxelmorph_weights_3d)}
-    common = {"max_iterations": args.sar_max_iterations, "device": args.device}
-    methods = [baselines.Before()]
-    for suffix, name, mode in SAR_VARIANTS[ndims]:
-        network_ndims = 2 if mode == "slicewise" else ndims
-        sar_weights, noseg_weights, _ = weights[network_ndims]
-        methods += [
-            baselines.SARMethod(f"sar_noft{suffix}", f"{name} (no finetuning)", sar_weights, network_ndims,
-                                finetune=False, mode=mode, **common),
-            baselines.SARMethod(f"sar{suffix}", f"{name} (finetuned)", sar_weights, network_ndims, finetune=True,
-                                mode=mode, **common),
-            baselines.SARMethod(f"sar_noseg{suffix}", f"{name.replace('SAR', 'SAR-NoSeg')} (finetuned)",
-                                noseg_weights, network_ndims, finetune=True, mode=mode, **common),
-        ]
+    common = {"max_iterations": args.sar_max_iterations, "optimisation_iterations": args.sar_optimisation_iterations,
+              "device": args.device}
+    # The default pipeline first: register() with its defaults runs instance optimisation alone.
+    methods = [baselines.Before(), baselines.SARMethod("sar", DEFAULT_LABEL, None, ndims, network=False, **common)]
+    for suffix, name, network_ndims, mode in SAR_VARIANTS[ndims]:
+        methods += sar_rows(suffix, name, weights[network_ndims][0], weights[network_ndims][1], network_ndims, mode,
+                            **common)
     methods += [
         baselines.ElastixBSpline(grid_spacing_mm=args.elastix_grid_spacing, resolutions=args.elastix_resolutions,
                                  iterations=args.elastix_iterations, threads=args.threads, seed=args.seed),
         baselines.AntsSyN(reg_iterations=args.ants_iterations, seed=args.seed),
+        baselines.GreedyMethod(metric="NCC" if group.contrast == "same" else "NMI", iterations=args.greedy_iterations,
+                               threads=args.threads, seed=args.seed),
     ]
-    for suffix, name, mode in SAR_VARIANTS[ndims]:
-        network_ndims = 2 if mode == "slicewise" else ndims
-        label = name.replace("SAR", "VoxelMorph")
+    if ndims == 3:
+        methods.append(baselines.ConvexAdamMethod(iterations=args.convexadam_iterations, device=args.device))
+    for key, label, network_ndims, mode in VOXELMORPH_VARIANTS[ndims]:
         methods.append(baselines.VoxelMorphMethod(weights[network_ndims][2], network_ndims, device=args.device,
-                                                  mode=mode, key=f"voxelmorph{suffix}", label=label))
+                                                  mode=mode, key=key, label=label))
     if args.methods:
         methods = [m for m in methods if m.key in args.methods]
     return methods
 
 
-METHOD_KEYS = ("before", "sar_noft", "sar", "sar_noseg", "sar_noft_slicewise", "sar_slicewise", "sar_noseg_slicewise",
-               "elastix", "ants", "voxelmorph", "voxelmorph_slicewise")
+METHOD_KEYS = ("before", "sar", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
+               "sar_finetune_volume", "sar_full_volume", "sar_noseg_volume", "elastix", "ants", "greedy", "convexadam",
+               "voxelmorph", "voxelmorph_volume")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pairs", type=int, help=f"pairs per dataset (default {FULL['pairs']}, --quick {QUICK['pairs']})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random deformations (and of Elastix/ANTs sampling)")
+    parser.add_argument("--pairs", type=int, help=f"pairs per group (default {FULL['pairs']}, --quick {QUICK['pairs']})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random deformations and contrasts (and of Elastix/ANTs/Greedy sampling)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 pair, 2D only, few iterations for SAR finetuning, Elastix and ANTs")
-    parser.add_argument("--dims", type=int, nargs="+", choices=(2, 3), help="datasets (default 2 3, --quick 2)")
+                        help="smoke run: 1 pair of 2D T1->PD, few iterations for SAR, Elastix, ANTs, Greedy, ConvexAdam")
+    parser.add_argument("--groups", nargs="+", choices=GROUP_KEYS,
+                        help=f"groups (default {' '.join(DEFAULT_GROUPS)}; --quick {' '.join(QUICK['groups'])})")
+    parser.add_argument("--dims", type=int, nargs="+", choices=(2, 3), help="only the groups of these dimensions")
     parser.add_argument("--output-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--max-displacement-mm", type=float, default=6.0,
-                        help="bound of each component of the random B-spline displacement")
-    parser.add_argument("--no-intensity-remap", action="store_true", help="3D: keep the floating volume's intensities")
+                        help="B-spline groups: bound of each control point's displacement component")
+    parser.add_argument("--large-displacement-mm", type=float, default=20.0,
+                        help="large-deformation groups: the same bound (plus ≤ 5° rotation and ≤ 4 mm shift)")
     parser.add_argument("--methods", nargs="+",
                         choices=METHOD_KEYS, help="only these rows (default: all)")
     parser.add_argument("--weights-2d", type=Path, default=WEIGHTS_DIR / "sar_2d.pt")
@@ -488,6 +603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--voxelmorph-weights-3d", type=Path, default=BENCHMARK_WEIGHTS_DIR / "voxelmorph_3d.pt")
     parser.add_argument("--sar-max-iterations", type=int, help=f"SAR finetuning iterations at most "
                         f"(default {FULL['sar_max_iterations']}, --quick {QUICK['sar_max_iterations']})")
+    parser.add_argument("--sar-optimisation-iterations", type=int, help="SAR instance optimisation iterations per "
+                        f"level (default: the engine's; --quick {QUICK['sar_optimisation_iterations']})")
     parser.add_argument("--elastix-grid-spacing", type=float, default=10.0, help="final B-spline grid spacing, mm")
     parser.add_argument("--elastix-resolutions", type=int,
                         help=f"default {FULL['elastix_resolutions']}, --quick {QUICK['elastix_resolutions']}")
@@ -495,16 +612,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"--quick {QUICK['elastix_iterations']})")
     parser.add_argument("--ants-iterations", type=int, nargs="+",
                         help=f"SyN iterations per level (default {FULL['ants_iterations']}, --quick {QUICK['ants_iterations']})")
+    parser.add_argument("--greedy-iterations", help=f"Greedy iterations per level, affine and deformable "
+                        f"(default {FULL['greedy_iterations']}, --quick {QUICK['greedy_iterations']})")
+    parser.add_argument("--convexadam-iterations", type=int, help="ConvexAdam's Adam iterations "
+                        f"(default {FULL['convexadam_iterations']}, --quick {QUICK['convexadam_iterations']})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads for torch, SimpleITK, Elastix and ANTs alike")
-    parser.add_argument("--device", default="auto", help="torch device of SAR and VoxelMorph: auto, cpu or cuda")
+                        help="threads for torch, SimpleITK, Elastix, ANTs and Greedy alike")
+    parser.add_argument("--device", default="auto", help="torch device of SAR, ConvexAdam and VoxelMorph: auto, cpu "
+                        "or cuda")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the untimed warm-up run of each method on a half-size copy of the first pair")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.groups is None:
+        args.groups = list(DEFAULT_GROUPS)
+    if args.dims:
+        args.groups = [key for key in args.groups if group_named(key).ndims in args.dims]
     return args
 
 
@@ -519,24 +645,22 @@ def set_threads(threads: int) -> None:
 
 def run(args, log=print) -> dict:
     set_threads(args.threads)
-    rows, settings_by_dataset = [], {}
-    for ndims in args.dims:
-        pairs = brain_pairs(ndims, args.pairs, args.seed, args.max_displacement_mm,
-                            intensity_remap=not args.no_intensity_remap)
-        dataset = f"{ndims}D"
-        settings_by_dataset[dataset] = {}
-        for method in build_methods(ndims, args):
-            log(f"{dataset} {method.label} …")
+    rows, settings_by_group = [], {}
+    for group in (group_named(key) for key in args.groups):
+        pairs = group_pairs(group, args.pairs, args.seed, args.max_displacement_mm, args.large_displacement_mm)
+        settings_by_group[group.name] = {}
+        for method in build_methods(group, args):
+            log(f"{group.name} {method.label} …")
             rows += evaluate_method(method, pairs, warm_up=not args.no_warmup, log=log)
-            settings_by_dataset[dataset][method.key] = method.settings()
+            settings_by_group[group.name][method.key] = method.settings()
     summary = summarise(rows)
     return {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(args.device, args.threads),
-            "settings": {"pairs": args.pairs, "seed": args.seed, "dims": args.dims,
+            "settings": {"pairs": args.pairs, "seed": args.seed, "groups": args.groups,
                          "max_displacement_mm": args.max_displacement_mm,
-                         "3D_intensity_remap": not args.no_intensity_remap, "quick": args.quick,
+                         "large_displacement_mm": args.large_displacement_mm, "quick": args.quick,
                          "warm_up": not args.no_warmup},
-            "methods": settings_by_dataset, "summary": summary, "comparisons": comparisons(rows, summary), "rows": rows}
+            "methods": settings_by_group, "summary": summary, "comparisons": comparisons(rows, summary), "rows": rows}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Large volumes (issue #5): peak memory, time, and how fast a cancel or Ctrl-C stops a run.
 
-    python benchmarks/large_volume.py [--sizes 256x256x100 512x512x300] [--modes slicewise volume] \
+    python benchmarks/large_volume.py [--sizes 256x256x100 512x512x300] [--measurements default network ...] \
         [--threads 1] [--output-dir benchmarks/results]
 
 For each size, a CT-like pair is written to a temporary folder (int16, the floating volume the
@@ -8,13 +8,12 @@ reference shifted by a few voxels), and each measurement runs in its own fresh P
 that its peak resident memory (``ru_maxrss``) is that of one user job: reading the files,
 registering, and saving every output with the QA figure.
 
-- ``slicewise``: the shipped 2D model, slice by slice, finetuned (the default use).
-- ``volume``: no 3D weights are shipped, so an untrained 3D network of the default architecture
-  (working grid 64) stands in. Its memory and time are those of a trained one; its field is not.
-- ``cancel``: a registration whose cancel flag is raised 0.5 s into finetuning; the latency is from
-  raising the flag to ``RegistrationCancelled`` reaching the caller.
-- ``ctrl-c``: the command line, sent SIGINT 0.5 s after it reports finetuning; the latency is from
-  the signal to the process having exited.
+- ``default``: ``register`` with its defaults (instance optimisation from the identity, in 3D).
+- ``network``: the shipped 2D network slice by slice, finetuned, then instance optimisation.
+- ``cancel``: a default registration whose cancel flag is raised 0.5 s into instance optimisation;
+  the latency is from raising the flag to ``RegistrationCancelled`` reaching the caller.
+- ``ctrl-c``: the command line with its defaults, sent SIGINT 0.5 s after it reports instance
+  optimisation; the latency is from the signal to the process having exited.
 
 Writes ``large_volume.md``, ``large_volume.json`` and ``large_volume.png`` into ``--output-dir``.
 """
@@ -40,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib importable
     sys.path.insert(0, str(REPO))
 
-MEASUREMENTS = ("slicewise", "volume", "cancel", "ctrl-c")
+MEASUREMENTS = ("default", "network", "cancel", "ctrl-c")
+STAGE = "instance optimisation"  # the progress message of the stage that cancel and Ctrl-C interrupt
 SHIFT_VOXELS = 3
 
 
@@ -86,13 +86,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def measure_registration(reference: Path, floating: Path, mode: str, output: Path, device: str) -> dict:
+def measure_registration(reference: Path, floating: Path, measurement: str, output: Path, device: str) -> dict:
     """Register and save, as a user's job does; seconds and the process's peak memory."""
     import SARRegistrationLib as sar
 
-    model = sar.SARModel.create(3, working_size=64).eval() if mode == "volume" else sar.load_model(ndims=2)
+    model = sar.load_model(ndims=2) if measurement == "network" else None
     started = time.perf_counter()
-    result = sar.register(reference, floating, model, mode=mode, device=device)
+    result = sar.register(reference, floating, model, device=device)
     registered = time.perf_counter()
     result.save(output)
     return {"register_seconds": registered - started, "save_seconds": time.perf_counter() - registered,
@@ -101,10 +101,9 @@ def measure_registration(reference: Path, floating: Path, mode: str, output: Pat
 
 
 def measure_cancel(reference: Path, floating: Path, device: str) -> dict:
-    """Raise the cancel flag 0.5 s into finetuning; time until register() gives up."""
+    """Raise the cancel flag 0.5 s into instance optimisation; time until register() gives up."""
     import SARRegistrationLib as sar
 
-    model = sar.load_model(ndims=2)
     flag, raised_at, timers = threading.Event(), [], []
 
     def raise_flag():
@@ -112,32 +111,32 @@ def measure_cancel(reference: Path, floating: Path, device: str) -> dict:
         flag.set()
 
     def progress(fraction, message):
-        if message.startswith("finetuning") and not timers:
+        if message.startswith(STAGE) and not timers:
             timers.append(threading.Timer(0.5, raise_flag))
             timers[0].start()
 
     try:
-        sar.register(reference, floating, model, mode="slicewise", device=device, max_iterations=100000,
-                     tolerance=0, progress=progress, cancel=flag.is_set)
+        sar.register(reference, floating, device=device, optimisation_iterations=100000, progress=progress,
+                     cancel=flag.is_set)
     except sar.RegistrationCancelled:
         return {"latency_seconds": time.perf_counter() - raised_at[0], "peak_memory_gb": peak_memory_gb()}
     raise RuntimeError("the registration ended before it was cancelled")
 
 
 def measure_ctrl_c(reference: Path, floating: Path, output: Path, device: str, threads: int) -> dict:
-    """Run the command line, press Ctrl-C 0.5 s into finetuning; time until the process has exited."""
+    """Run the command line, press Ctrl-C 0.5 s into instance optimisation; time until the process has exited."""
     command = [sys.executable, "-m", "SARRegistrationLib", "register", "--reference", str(reference),
-               "--floating", str(floating), "--output-dir", str(output), "--mode", "slicewise", "--device", device,
-               "--max-iterations", "100000", "--tolerance", "0"]
+               "--floating", str(floating), "--output-dir", str(output), "--device", device,
+               "--optimisation-iterations", "100000"]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     # As from a terminal: a job started in the background of a script inherits SIGINT ignored.
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, env=environment,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
-    while b"finetuning" not in seen:
+    while STAGE.encode() not in seen:
         chunk = process.stderr.read1(4096)
         if not chunk:
-            raise RuntimeError(f"the command ended before finetuning: {seen.decode(errors='replace')[-500:]}")
+            raise RuntimeError(f"the command ended before {STAGE}: {seen.decode(errors='replace')[-500:]}")
         seen += chunk
     time.sleep(0.5)
     interrupted = time.perf_counter()
@@ -158,7 +157,7 @@ def child_main(argv) -> None:
     measurement, reference, floating, output, device, threads = argv
     torch.set_num_threads(int(threads))
     reference, floating, output = Path(reference), Path(floating), Path(output)
-    if measurement in ("slicewise", "volume"):
+    if measurement in ("default", "network"):
         result = measure_registration(reference, floating, measurement, output, device)
     elif measurement == "cancel":
         result = measure_cancel(reference, floating, device)
@@ -241,10 +240,11 @@ def main(argv=None) -> int:
         f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"{args.threads} thread(s) per process, device {args.device}. "
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}.", "",
-        "Each row is one fresh process. slicewise: shipped 2D model, finetuned, register + save with the QA "
-        "figure. volume: an untrained 3D network of the default architecture (no 3D weights are shipped): "
-        "memory and time only. cancel: cancel flag raised 0.5 s into finetuning. ctrl-c: the command line "
-        "sent SIGINT 0.5 s into finetuning. Peak memory is the process's maximum resident set."])
+        "Each row is one fresh process. default: register with its defaults (instance optimisation from the "
+        "identity), register + save with the QA figure. network: the shipped 2D network slice by slice, "
+        "finetuned, then instance optimisation. cancel: cancel flag raised 0.5 s into instance optimisation. "
+        "ctrl-c: the command line with its defaults sent SIGINT 0.5 s into instance optimisation. Peak memory "
+        "is the process's maximum resident set."])
     table = markdown(rows, header)
     (args.output_dir / "large_volume.md").write_text(table)
     (args.output_dir / "large_volume.json").write_text(json.dumps(rows, indent=2) + "\n")

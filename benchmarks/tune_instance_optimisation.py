@@ -1,15 +1,17 @@
 """Choosing instance optimisation's defaults on non-brain and synthetic pairs (never on the brain).
 
-    python benchmarks/tune_instance_optimisation.py [--dims 2 3] [--pairs 2] [--threads 1] \
-        [--variant NAME:key=value,key=value ...] [--output FILE.md]
+    python benchmarks/tune_instance_optimisation.py [--dims 2 3] [--families bspline large velocity] \
+        [--pairs 2] [--threads 1] [--variant NAME:key=value,key=value ...] [--output FILE.md]
 
-Pairs (known deformations, ``evaluation.evaluate_known_deformations``): in 2D the rat lung MR
-slices and the abdominal MR slice of ``Testing/Data``, each registered to random B-spline
-deformations of itself, once in the same contrast and once with a random contrast remapping; in
-3D synthetic label-map volumes (``deformations.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the
-mask of one or two labels. Each variant is a set of :class:`OptimisationSettings` fields (or
-``network=0`` for instance optimisation alone, ``finetune=0``, ``io=0`` for no instance
-optimisation) and is scored by the mean end-point error of its field against the applied one
+Pairs (known deformations): in 2D the rat lung MR slices and the abdominal MR slice of
+``Testing/Data``, each registered to random deformations of itself, once in the same contrast and
+once with a random contrast remapping (``deformations.augment_intensity``); in 3D synthetic
+label-map volumes (``deformations.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the mask of one
+or two labels. The deformation families are the brain benchmark's (``benchmarks/
+deformation_families.py``): the engine's 6 mm B-spline, a large deformation (rotation, shift and a
+20 mm B-spline) and the exponential of a random velocity field. Each variant is a set of :class:`OptimisationSettings` fields (and
+``network=1`` to start from the shipped network's field, ``finetune=0`` to skip the paper's
+finetuning then, ``io=0`` for no instance optimisation) and is scored by the mean end-point error of its field against the applied one
 (mm), Dice where a mask exists, folding and seconds. The default variants are the defaults and
 one change of each setting.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -30,18 +31,27 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from SARRegistrationLib.deformations import synthetic_sample  # noqa: E402
-from SARRegistrationLib.evaluation import evaluate_known_deformations  # noqa: E402
+from SARRegistrationLib import imageio, metrics, register  # noqa: E402
+from SARRegistrationLib.deformations import (augment_intensity, foreground_mask, random_bspline_transform,  # noqa: E402
+                                             synthetic_sample)
 from SARRegistrationLib.instance_optimisation import OptimisationSettings  # noqa: E402
+from SARRegistrationLib.model import load_model  # noqa: E402
+
+from benchmarks.deformation_families import large_deformation_transform, move, velocity_field_transform  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
 IMAGES_2D = [DATA / name for name in ("rat_lung_1.nrrd", "rat_lung_2.nrrd", "fat_mri.nrrd")]
-DEFAULT_VARIANTS = ["defaults:", "no network:network=0", "network, no IO:io=0", "no finetuning:finetune=0",
-                    "iterations 20:iterations=20", "iterations 80:iterations=80", "levels 2:levels=2",
-                    "samples 2048:samples=2048", "smoothness 0.3:smoothness=0.3", "smoothness 3:smoothness=3",
-                    "learning rate 0.1:learning_rate=0.1", "control spacing 8:control_spacing=8",
-                    "mask term 0.2:mask_weight=0.2"]
+DEFAULT_VARIANTS = ["defaults:", "network first:network=1,finetune=0", "network + finetuning first:network=1",
+                    "network alone:network=1,finetune=0,io=0", "network + finetuning alone:network=1,io=0",
+                    "mask term 0.2 (network + finetuning first):network=1,mask_weight=0.2",
+                    "iterations 20:iterations=20", "iterations 60:iterations=60", "levels 2:levels=2",
+                    "levels 4:levels=4", "samples 8192:samples=8192", "smoothness 0.5:smoothness=0.5",
+                    "smoothness 2:smoothness=2", "learning rate 0.1:learning_rate=0.1",
+                    "control spacing 6:control_spacing=6", "control spacing 12:control_spacing=12",
+                    "Gaussian NMI window:nmi_kernel=gaussian"]
 STAGE_OPTIONS = {"network", "finetune", "io"}
+FAMILIES = {"bspline": lambda image, rng: random_bspline_transform(image, rng, 6.0),
+            "large": large_deformation_transform, "velocity": velocity_field_transform}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -62,63 +72,82 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {"instance_optimisation": optimisation, **options}
 
 
-def synthetic_volumes(folder: Path, count: int, seed: int) -> tuple[list[Path], list[Path]]:
-    images, masks = [], []
-    for index in range(count):
-        image, mask = synthetic_sample((48, 64, 64), np.random.default_rng((seed, index)), spacing=(2.0, 2.0, 2.0))
-        images.append(folder / f"synthetic_{index}.nrrd")
-        masks.append(folder / f"synthetic_{index}_mask.nrrd")
-        sitk.WriteImage(image, str(images[-1]))
-        sitk.WriteImage(mask, str(masks[-1]))
-    return images, masks
+def synthetic_volumes(count: int, seed: int) -> list[tuple[sitk.Image, sitk.Image]]:
+    return [synthetic_sample((48, 64, 64), np.random.default_rng((seed, index)), spacing=(2.0, 2.0, 2.0))
+            for index in range(count)]
 
 
-def score(rows: list[dict]) -> dict:
-    result = {"field error (mm)": np.mean([row["field_error_mm"]["after"] for row in rows]),
-              "before (mm)": np.mean([row["field_error_mm"]["before"] for row in rows]),
-              "folded (%)": 100 * np.mean([row["folding_fraction"] for row in rows]),
-              "seconds": np.mean([row["seconds"] for row in rows])}
-    if "after" in rows[0]:
-        result["Dice"] = np.mean([row["after"]["dice"] for row in rows])
-    return result
+def known_pairs(images, family: str, contrast_change: bool, count: int, seed: int) -> list[dict]:
+    """Each image moved ``count`` times by the family's random transform: the moved copy is the
+    reference, the image the floating one, and ``T(p) - p`` the field to recover."""
+    pairs = []
+    for index, (image, mask) in enumerate(images):
+        for pair in range(count):
+            rng = np.random.default_rng((seed, index, pair))
+            transform = FAMILIES[family](image, rng)
+            reference, reference_mask = move(image, mask, transform)
+            if contrast_change:
+                remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(reference)), rng, 1.0)
+                reference = imageio.image_like(remapped.astype(np.float32), reference)
+            applied = imageio.array_of(sitk.TransformToDisplacementField(
+                transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(),
+                reference.GetDirection()))
+            pairs.append({"reference": reference, "floating": image, "reference_mask": reference_mask,
+                          "floating_mask": mask, "applied": applied})
+    return pairs
+
+
+def score(pairs: list[dict], options: dict, model, masks: bool) -> dict:
+    """Mean field error (mm) against the applied field, Dice (when the masks are a structure), folding, seconds."""
+    errors, dice, folded, seconds = [], [], [], []
+    for pair in pairs:
+        result = register(pair["reference"], pair["floating"], model if options.get("network") else None,
+                          device="cpu", **options)
+        errors.append(np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1).mean())
+        if masks:
+            warped = imageio.resample_to(pair["floating_mask"], pair["reference"], label=True,
+                                         transform=result.transform())
+            dice.append(metrics.dice(imageio.array_of(pair["reference_mask"]), imageio.array_of(warped)))
+        folded.append(100 * result.metrics["folding_fraction"])
+        seconds.append(result.metrics["seconds"])
+    row = {"field error (mm)": np.mean(errors),
+           "before (mm)": np.mean([np.linalg.norm(pair["applied"], axis=-1).mean() for pair in pairs]),
+           "folded (%)": np.mean(folded), "seconds": np.mean(seconds)}
+    return {**row, "Dice": np.mean(dice)} if masks else row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
-    parser.add_argument("--pairs", type=int, default=2, help="deformations per image and contrast setting")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--pairs", type=int, default=2, help="deformations per image, family and contrast setting")
     parser.add_argument("--volumes", type=int, default=3, help="synthetic 3D volumes")
-    parser.add_argument("--max-displacement-mm", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variant", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--output", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     variants = [parse_variant(text) for text in args.variant]
+    model = load_model(ndims=2)
+    images = {2: [(image, foreground_mask(image)) for image in
+                  (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)],
+              3: synthetic_volumes(args.volumes, args.seed)}
     lines = []
-    with tempfile.TemporaryDirectory() as folder:
-        datasets = {}
-        if 2 in args.dims:
-            datasets["2D, same contrast"] = (IMAGES_2D, None, False)
-            datasets["2D, contrast change"] = (IMAGES_2D, None, True)
-        if 3 in args.dims:
-            images, masks = synthetic_volumes(Path(folder), args.volumes, args.seed)
-            datasets["3D synthetic, same contrast"] = (images, masks, False)
-            datasets["3D synthetic, contrast change"] = (images, masks, True)
-        for dataset, (images, masks, contrast_change) in datasets.items():
-            # One warm-up registration, so that no variant pays the process's first-call costs.
-            evaluate_known_deformations(images[:1], masks[:1] if masks else None, pairs_per_image=1, seed=999)
-            scores = {name: score(evaluate_known_deformations(
-                images, masks, pairs_per_image=args.pairs, max_displacement_mm=args.max_displacement_mm,
-                contrast_change=contrast_change, seed=args.seed, device="cpu", **options))
-                for name, options in variants}
-            columns = list(next(iter(scores.values())))
-            lines += [f"\n{dataset} ({len(images) * args.pairs} pairs)\n",
-                      "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-            lines += [f"| {name} | " + " | ".join(f"{value:.3f}" for value in row.values()) + " |"
-                      for name, row in scores.items()]
-            print("\n".join(lines[-len(scores) - 3:]), flush=True)
+    for ndims in args.dims:
+        for family in args.families:
+            for contrast_change in (False, True):
+                pairs = known_pairs(images[ndims], family, contrast_change, args.pairs, args.seed)
+                score(pairs[:1], {}, model, False)  # warm-up: no variant pays the process's first-call costs
+                scores = {name: score(pairs, options, model, masks=ndims == 3) for name, options in variants}
+                columns = list(next(iter(scores.values())))
+                title = (f"{ndims}D {'real non-brain' if ndims == 2 else 'synthetic'}, {family}, "
+                         f"{'contrast change' if contrast_change else 'same contrast'} ({len(pairs)} pairs)")
+                lines += [f"\n{title}\n", "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+                lines += [f"| {name} | " + " | ".join(f"{value:.3f}" for value in row.values()) + " |"
+                          for name, row in scores.items()]
+                print("\n".join(lines[-len(scores) - 3:]), flush=True)
     if args.output:
         command = "python benchmarks/tune_instance_optimisation.py " + " ".join(argv or sys.argv[1:])
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")

@@ -59,6 +59,26 @@ def test_register_writes_the_outputs(tmp_path, inputs, capsys):
     assert warped.GetSize() == sitk.ReadImage(str(inputs["reference"])).GetSize()
 
 
+def test_defaults_of_the_command_line_and_the_api_give_the_same_field(tmp_path, read_test_image):
+    """Issue 13: a 3D pair with every default, through the command line and through register()."""
+    from SARRegistrationLib import register
+
+    volume = sitk.Cast(sitk.Shrink(read_test_image("brain3d_t1.nii.gz"), [4, 4, 2]), sitk.sitkFloat32)
+    floating = sitk.Resample(volume, sitk.TranslationTransform(3, (2.0, 0.0, -3.0)), sitk.sitkLinear)
+    for name, image in (("reference.nrrd", volume), ("floating.nrrd", floating)):
+        sitk.WriteImage(image, str(tmp_path / name))
+    assert cli.main(["register", "--reference", str(tmp_path / "reference.nrrd"), "--floating",
+                     str(tmp_path / "floating.nrrd"), "--output-dir", str(tmp_path / "out"), "--no-qa"]) == 0
+    by_api = register(str(tmp_path / "reference.nrrd"), str(tmp_path / "floating.nrrd"))
+    by_cli = sitk.ReadImage(str(tmp_path / "out" / "displacement.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(by_cli), sitk.GetArrayFromImage(by_api.displacement))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["network"] is False and metrics["instance_optimisation"]["iterations"] > 0
+    assert metrics == {**by_api.metrics, "seconds": metrics["seconds"], "stage_seconds": metrics["stage_seconds"],
+                       "instance_optimisation": {**by_api.metrics["instance_optimisation"],
+                                                 "seconds": metrics["instance_optimisation"]["seconds"]}}
+
+
 def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     output = tmp_path / "result"
     args = _register_args(inputs, output, "--reference-mask", str(inputs["reference_mask"]),
@@ -69,21 +89,32 @@ def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     assert metrics["iterations"] == 0 and set(metrics["after"]) == {"dice", "hd95_mm", "mad_mm"}
 
 
-def test_ctrl_c_during_finetuning_stops_at_once_and_leaves_the_outputs_as_they_were(tmp_path, inputs):
-    """Ctrl-C on the command line, in the middle of finetuning: exit 130 and old outputs untouched."""
+@pytest.mark.parametrize("stage", ["finetuning", "instance optimisation in 3D"])
+def test_ctrl_c_during_a_stage_stops_at_once_and_leaves_the_outputs_as_they_were(tmp_path, inputs, stage,
+                                                                                   read_test_image):
+    """Ctrl-C on the command line, in the middle of a stage: exit 130 and old outputs untouched."""
     output = tmp_path / "result"
     output.mkdir()
     (output / "warped.nrrd").write_text("the previous run's output")
-    args = _register_args(inputs, output, "--no-qa")
-    args[args.index("--max-iterations") + 1] = "1000000"  # would run for minutes
-    process = subprocess.Popen([sys.executable, "-m", "SARRegistrationLib", *args, "--tolerance", "0"],
+    if stage == "finetuning":
+        args = _register_args(inputs, output, "--no-qa", "--tolerance", "0", "--no-instance-optimisation")
+        args[args.index("--max-iterations") + 1] = "1000000"  # would run for minutes
+        message = b"finetuning: iteration"
+    else:  # the default pipeline on a volume
+        volume = tmp_path / "volume.nrrd"
+        sitk.WriteImage(sitk.Cast(sitk.Shrink(read_test_image("brain3d_t1.nii.gz"), [4, 4, 2]), sitk.sitkFloat32),
+                        str(volume))
+        args = ["register", "--reference", str(volume), "--floating", str(volume), "--output-dir", str(output),
+                "--no-qa", "--optimisation-iterations", "1000000"]
+        message = b"instance optimisation: level 1"
+    process = subprocess.Popen([sys.executable, "-m", "SARRegistrationLib", *args],
                                cwd=REPO, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                # as from a terminal, even when the tests themselves run with SIGINT ignored
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
-    while b"finetuning: iteration" not in seen:
+    while message not in seen:
         chunk = process.stderr.read1(4096)
-        assert chunk, f"the command ended before finetuning: {seen.decode(errors='replace')}"
+        assert chunk, f"the command ended before {stage}: {seen.decode(errors='replace')}"
         seen += chunk
     interrupted = time.perf_counter()
     process.send_signal(signal.SIGINT)

@@ -878,8 +878,10 @@ def test_inverse_transform_composed_with_the_forward_one_is_the_identity(scene, 
                                                                         with_initial_transform):
     reference, floating = pair_3d
     initial = add_linear_transform(scene, rigid_matrix(3.0, (2.0, -1.0, 1.5))) if with_initial_transform else None
+    # The network's field alone: smooth at the scale of this 32 x 32 x 12 volume, where instance
+    # optimisation's residual is not (the inverse's accuracy follows the field's smoothness).
     result = logic.register(reference, floating, model=model_3d, finetune=False, computeInverse=True,
-                            initialTransform=initial, device="cpu")
+                            initialTransform=initial, device="cpu", instanceOptimisation=False)
     inverse = result.inverseTransform
     assert inverse.IsA("vtkMRMLGridTransformNode") and inverse.GetName() == "floating SAR inverse transform"
     # On the floating volume's grid, in the floating volume's world.
@@ -961,6 +963,17 @@ def test_every_output_node_keeps_the_record_of_its_run(scene, logic, pair_3d, mo
                result.referenceMaskSegmentation, result.floatingMaskSegmentation, result.warpedSegmentation]
     for node in outputs:
         assert json.loads(node.GetAttribute("SARRegistration.RunRecord")) == json.loads(json.dumps(record))
+
+
+def test_logic_with_defaults_gives_the_engines_field(scene, logic, pair_3d, tmp_path):
+    """Issue 13: the logic with every default registers as the engine with every default."""
+    reference, floating = pair_3d
+    result = logic.register(reference, floating)
+    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating))
+    assert result.metrics["instance_optimisation"]["iterations"] > 0 and result.metrics["network"] is False
+    by_slicer = slicer_grid_transform_of(engine.displacement, scene, tmp_path)
+    np.testing.assert_allclose(slicer.util.arrayFromGridTransform(result.transform),
+                               slicer.util.arrayFromGridTransform(by_slicer), atol=1e-9)
 
 
 def test_defaults_are_the_engines(module, logic):
@@ -1389,6 +1402,27 @@ def test_module_file_does_not_import_torch_at_import_time():
                          for alias in node.names] + [node.module for node in tree.body
                                                      if isinstance(node, ast.ImportFrom)]
     assert not [name for name in top_level_imports if name and name.split(".")[0] in ("torch", "SARRegistrationLib")]
+
+
+def test_batches_from_the_console_run_the_engines_batch(logic, read_test_image, tmp_path):
+    """registerBatch is the command line's batch: a folder per pair, the report, and a rerun skips what is done."""
+    import json
+
+    image = sitk.Cast(sitk.Shrink(read_test_image("brain_pd.nrrd"), [3, 3]), sitk.sitkFloat32)
+    sitk.WriteImage(image, str(tmp_path / "reference.nrrd"))
+    sitk.WriteImage(sitk.Cast(sitk.Shrink(read_test_image("sample_floating_t1.nrrd"), [3, 3]), sitk.sitkFloat32),
+                    str(tmp_path / "floating.nrrd"))
+    (tmp_path / "pairs.csv").write_text("reference,floating\nreference.nrrd,floating.nrrd\nreference.nrrd,gone.nrrd\n")
+    options = {"device": "cpu", "optimisation_iterations": 5, "optimisation_levels": 1, "qa_figure": False}
+    rows = logic.registerBatch(tmp_path / "pairs.csv", tmp_path / "out", **options)
+    assert [(row["id"], row["status"]) for row in rows] == [("floating", "registered"), ("gone", "failed")]
+    assert sorted(path.name for path in (tmp_path / "out" / "floating").iterdir()) == [
+        "displacement.nrrd", "metrics.json", "warped.nrrd"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"] == rows
+    again = logic.registerBatch(tmp_path / "pairs.csv", tmp_path / "out", **options)
+    assert [row["status"] for row in again] == ["skipped", "failed"]
+    with pytest.raises(RegistrationCancelled, match="0 of 2 pairs are done"):
+        logic.registerBatch(tmp_path / "pairs.csv", tmp_path / "cancelled", cancel=lambda: True, **options)
 
 
 # ----------------------------------------------------------------------------------------------- the panel

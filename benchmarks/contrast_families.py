@@ -1,0 +1,49 @@
+"""A realistic contrast change for the 3D benchmark: T1 to a T2-like image, tissue class by tissue class.
+
+Registration across contrasts is what MR sequences demand and what mutual information, NMI and
+MIND are built for; a random non-monotonic intensity curve (the training augmentation of
+``deformations.augment_intensity``) can map different tissues onto one intensity, and then no
+method can find the correspondence. Here the T1 image's tissue classes are found by Otsu's
+method with four thresholds (background, CSF, grey matter, white matter, fat/scalp: the class
+means of the bundled T1 volume are about 0, 42, 76, 106 and 176), and intensities are remapped by
+the piecewise-linear curve through those class means onto T2-like levels: CSF brightest, grey
+above white matter (the T1 order inverted), fat intermediate, background dark. Being a function of
+intensity it keeps partial volumes in between. A mild smooth bias field and mild noise follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from SARRegistrationLib.deformations import smooth_noise
+from SARRegistrationLib.imageio import array_of, image_like, normalize_intensity
+
+# Target level ranges in [0, 1] per class (background, CSF, grey matter, white matter, fat), one
+# value drawn uniformly per class and pair: the T2-like order CSF > GM > WM, fat between.
+T2_LIKE_LEVELS = ((0.0, 0.0), (0.85, 1.0), (0.5, 0.6), (0.3, 0.4), (0.55, 0.75))
+MAX_BIAS = 0.15  # bias field exp(a * smooth noise), a uniform in [0, MAX_BIAS]
+MAX_NOISE_SD = 0.02  # Gaussian noise, standard deviation uniform in [0.01, MAX_NOISE_SD] of the range
+
+
+def tissue_class_means(image: sitk.Image, classes: int = 5) -> np.ndarray:
+    """Mean intensity of each Otsu class (``classes - 1`` thresholds), ascending."""
+    labels = array_of(sitk.OtsuMultipleThresholds(sitk.Cast(image, sitk.sitkFloat32), classes - 1))
+    values = array_of(image).astype(np.float64)
+    return np.array([values[labels == k].mean() for k in range(classes)])
+
+
+def t2_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
+    """``image`` (T1) remapped to a T2-like contrast with a mild bias field and noise; float32 in [0, 1].
+
+    The curve passes through (class mean -> level) for the classes of :func:`tissue_class_means`
+    (levels drawn from ``T2_LIKE_LEVELS``) and is flat beyond the darkest and brightest means.
+    """
+    means = tissue_class_means(image, len(T2_LIKE_LEVELS))
+    levels = np.array([rng.uniform(low, high) for low, high in T2_LIKE_LEVELS])
+    values = array_of(image).astype(np.float64)
+    remapped = np.interp(values, means, levels)
+    coarse_shape = tuple(min(4, n) for n in values.shape)
+    bias = np.exp(rng.uniform(0, MAX_BIAS) * smooth_noise(values.shape, rng, coarse_shape))
+    noisy = remapped * bias + rng.normal(0, rng.uniform(0.01, MAX_NOISE_SD), size=values.shape)
+    return image_like(normalize_intensity(noisy).astype(np.float32), image)
