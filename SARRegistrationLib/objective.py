@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import losses
 from .spatial import warp
@@ -32,6 +33,7 @@ class LossWeights:
     segmentation: float = 0.5
     field: float = 1.0
     smoothness: float = 0.5
+    proximity: float = 0.0
 
     def without_segmentation(self) -> "LossWeights":
         """The paper's SAR-NoSeg ablation."""
@@ -46,14 +48,17 @@ class LossWeights:
         of a T1/PD pair as if they shared a contrast, and pull the field the wrong way. So the
         images are compared by NMI alone. On non-brain validation pairs this was as good as all
         three terms when both images shared a contrast, and better when they did not.
-        """
-        return LossWeights(**{**asdict(self), "field": 0.0, "ssim": 0.0, "features": 0.0})
 
+        The adversarial term is off too, and a proximity term keeps the field near the network's.
+        See ``benchmarks/results/finetuning_ablation.md`` (``benchmarks/finetuning_ablation.py``).
+        """
+        return LossWeights(**{**asdict(self), "field": 0.0, "ssim": 0.0, "features": 0.0, "adversarial": 0.0,
+                              "proximity": 0.1})
 
 def registration_terms(weights: LossWeights, reference, floating, forward_field, *, backward_field=None,
                        reference_mask=None, floating_mask=None, discriminator=None, feature_extractor=None,
                        applied_field=None, true_reference_mask=None, true_floating_mask=None,
-                       reference_feature_maps=None, content_target=None, ignore_mask=None) -> dict:
+                       reference_feature_maps=None, content_target=None, ignore_mask=None, prior_field=None) -> dict:
     """Each weighted-in term of the objective as a scalar tensor.
 
     Args:
@@ -70,6 +75,8 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
             (implants, electrodes). There the registered image and mask are replaced by the
             reference's, so every term agrees and no gradient comes from the region: the field
             there follows the smoothness term alone.
+        prior_field: the field finetuning starts from (the network's own); the proximity term is
+            the mean squared distance from it, in voxels².
     """
     warped = warp(floating, forward_field)
     target = reference if content_target is None else content_target
@@ -99,6 +106,8 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
         terms["field"] = losses.normalized_field_error(forward_field, applied_field)
     if weights.smoothness:
         terms["smoothness"] = losses.smoothness(forward_field)
+    if weights.proximity and prior_field is not None:
+        terms["proximity"] = F.mse_loss(forward_field, prior_field)
     return terms
 
 
