@@ -6,7 +6,11 @@ fixture that a module activates by importing it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 from SARRegistrationLib.model import SARModel
 
+SLICER_MODULE_DIR = Path(__file__).resolve().parents[2] / "SARRegistration"
 TINY = {"discriminator_width": 8, "generator_channels": (8, 16, 16, 16), "feature_channels": (8, 16)}
 
 
@@ -35,6 +40,16 @@ class RunsCodeOnLoad:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+@contextlib.contextmanager
+def slicer_module_file(name: str):
+    """One plain-Python file of the Slicer module (``SARRegistration/NAME.py``), imported as Slicer would."""
+    sys.path.insert(0, str(SLICER_MODULE_DIR))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SLICER_MODULE_DIR))
 
 
 def tiny_model(ndims: int, working_size: int = 32, seed: int = 0) -> SARModel:

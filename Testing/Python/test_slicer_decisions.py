@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+
+from helpers import slicer_module_file
 
 import SARRegistrationLib as sar
 from SARRegistrationLib.instance_optimisation import OptimisationSettings
 
-MODULE_DIR = Path(__file__).resolve().parents[2] / "SARRegistration"
-
 
 @pytest.fixture(scope="module")
 def decisions():
-    sys.path.insert(0, str(MODULE_DIR))
-    try:
-        yield importlib.import_module("SARRegistrationDecisions")
-    finally:
-        sys.path.remove(str(MODULE_DIR))
+    with slicer_module_file("SARRegistrationDecisions") as module:
+        yield module
 
 
 @pytest.fixture

@@ -7,26 +7,17 @@ tested in test_slicer_module.py.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import rotation_3d
-
-MODULE_DIR = Path(__file__).resolve().parents[2] / "SARRegistration"
-
+from helpers import rotation_3d, slicer_module_file
 
 @pytest.fixture(scope="module")
 def fields():
-    sys.path.insert(0, str(MODULE_DIR))
-    try:
-        yield importlib.import_module("SARRegistrationFields")
-    finally:
-        sys.path.remove(str(MODULE_DIR))
+    with slicer_module_file("SARRegistrationFields") as module:
+        yield module
 
 
 def oblique_grid(size=(24, 20, 16)) -> sitk.Image:

@@ -7,24 +7,17 @@ order on the polling thread, the outcome once, after it; cancel and errors end t
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-MODULE_DIR = Path(__file__).resolve().parents[2] / "SARRegistration"
-
+from helpers import slicer_module_file
 
 @pytest.fixture(scope="module")
 def runner():
-    sys.path.insert(0, str(MODULE_DIR))
-    try:
-        yield importlib.import_module("SARRegistrationRunner")
-    finally:
-        sys.path.remove(str(MODULE_DIR))
+    with slicer_module_file("SARRegistrationRunner") as module:
+        yield module
 
 
 def poll_until_done(run, timeout=10.0):
