@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import WeightsError
+from .files import write_atomically
 from .networks.discriminator import SARDiscriminator
 from .networks.feature_extractor import FeatureExtractor, VGG16Features
 from .networks.generator import SARGenerator
@@ -104,18 +103,7 @@ def save_model(model: SARModel, path, extra: dict | None = None) -> Path:
 
 def save_state(state: dict, path) -> Path:
     """``torch.save`` a dictionary of weights atomically: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(descriptor)
-    try:
-        torch.save(state, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes files private; weights are meant to be shared
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def write_model_card(weights_path, metadata: dict) -> Path:

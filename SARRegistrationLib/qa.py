@@ -7,15 +7,13 @@ pyplot), so the figure renders with Agg whatever backend the caller's process ha
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.colors import CenteredNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .files import write_atomically
 from .metrics import jacobian_determinant
 
 _QUIVER_ARROWS_PER_AXIS = 16
@@ -85,19 +83,9 @@ def _draw_jacobian(fig, ax, determinant: np.ndarray, in_plane: np.ndarray, folde
     ax.set_axis_off()
 
 
-def _save_atomically(fig: Figure, path) -> None:
-    """Render to a temporary file beside ``path`` and rename it, so readers never see half a PNG."""
-    path = os.path.abspath(os.fspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".qa-", suffix=".png")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            fig.savefig(stream, format="png")
-        # mkstemp creates the file private (0600); a figure is meant to be shared like any output.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+def _render_png(fig: Figure, path) -> None:
+    with open(path, "wb") as stream:
+        fig.savefig(stream, format="png")
 
 
 def save_qa_figure(path, reference, floating, warped, displacement, reference_mask=None,
@@ -163,4 +151,4 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
     _draw_jacobian(fig, axes[-1], _middle_slice(determinant), in_plane, folded_fraction)
     if title:
         fig.suptitle(title)
-    _save_atomically(fig, path)
+    write_atomically(path, lambda temporary: _render_png(fig, temporary))
