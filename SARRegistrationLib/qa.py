@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .files import write_atomically
+from .imageio import normalize_intensity
 from .metrics import jacobian_determinant
 
 _QUIVER_ARROWS_PER_AXIS = 16
@@ -30,12 +31,6 @@ def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
         raise ValueError(f"checkerboard needs two 2D or 3D images of the same shape, got {a.shape} and {b.shape}")
     board = sitk.CheckerBoard(sitk.GetImageFromArray(a), sitk.GetImageFromArray(b), [tiles] * a.ndim)
     return sitk.GetArrayFromImage(board)
-
-
-def _normalise(image: np.ndarray) -> np.ndarray:
-    """Map the 1st-99th percentile range to [0, 1] so outliers do not wash out the display."""
-    low, high = np.percentile(image, [1, 99])
-    return np.clip((image - low) / (high - low if high > low else 1.0), 0.0, 1.0)
 
 
 def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -133,7 +128,8 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
         folded_fraction = float(np.mean(determinant <= 0))
     # The in-plane components of an axial slice are those along axes 1 and 2 (y, x).
     in_plane = displacement[1:, shape[0] // 2] if len(shape) == 3 else displacement
-    reference_2d, floating_2d, warped_2d = (_normalise(_middle_slice(image)) for image in (reference, floating, warped))
+    reference_2d, floating_2d, warped_2d = (normalize_intensity(_middle_slice(image))
+                                            for image in (reference, floating, warped))
     masks_2d = {name: None if mask is None else _middle_slice(mask) for name, mask in masks.items()}
     has_masks = any(mask is not None for mask in masks_2d.values())
 
