@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .devices import DEVICE_CHOICES, resolve_device
 from .errors import SARError
+from .imageio import SUPPORTED_SUFFIXES
 from .registration import MODES
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data"
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a SAR model on images with optional masks")
     train.add_argument("--images", nargs="+", type=Path, default=[],
-                       help="image files or folders (folders: every *.png, *.nrrd, *.nii.gz, *.mha in them)")
+                       help="image files or folders (folders: every image in them: "
+                            f"{', '.join('*' + suffix for suffix in SUPPORTED_SUFFIXES)})")
     train.add_argument("--masks", type=Path, help="folder of masks named like their images")
     train.add_argument("--split", action="store_true",
                        help="train on the training fold of a patient-level 70/10/20 split (ChestX-ray14 names)")

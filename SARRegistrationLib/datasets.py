@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from .deformations import make_training_pair, synthetic_sample
-from .imageio import grid_with_shape, read_image
+from .imageio import SUPPORTED_SUFFIXES, grid_with_shape, read_image
 
 Source = tuple[sitk.Image, sitk.Image | None]
 
@@ -162,15 +162,12 @@ class SyntheticPairDataset(_PairDataset):
         return synthetic_sample(self.shape, rng, self.spacing)
 
 
-IMAGE_SUFFIXES = (".png", ".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
-
-
 def expand_image_paths(paths) -> list[Path]:
     """Files as given, folders as every image file in them (sorted)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES)))
+            files.extend(sorted(p for p in path.iterdir() if p.name.lower().endswith(SUPPORTED_SUFFIXES)))
         else:
             files.append(path)
     return files
