@@ -8,8 +8,8 @@ The operations of the command line, one import away::
     model = sar.load_model(ndims=2)          # reuse one loaded model for a batch of pairs
 """
 
-from .errors import (DeviceError, InputImageError, OutputError, RegistrationCancelled, SARError, SettingsError,
-                     WeightsError)
+from .errors import (Cancelled, DeviceError, InputImageError, OutputError, RegistrationCancelled, SARError,
+                     SettingsError, TrainingCancelled, WeightsError)
 from .finetuning import FinetuneSettings
 from .instance_optimisation import OptimisationSettings
 from .model import SARModel, load_model
@@ -19,4 +19,4 @@ from .registration import RegistrationResult, register
 __all__ = ["register", "RegistrationResult", "load_model", "SARModel", "FinetuneSettings", "OptimisationSettings",
            "LossWeights",
            "SARError", "InputImageError", "WeightsError", "DeviceError", "OutputError",
-           "SettingsError", "RegistrationCancelled"]
+           "SettingsError", "Cancelled", "RegistrationCancelled", "TrainingCancelled"]

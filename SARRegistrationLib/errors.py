@@ -29,5 +29,13 @@ class OutputError(SARError):
     """The outputs cannot be written (the folder is a file, not writable, or the disk is full)."""
 
 
-class RegistrationCancelled(SARError):
-    """The user cancelled a running registration or training; nothing was written."""
+class Cancelled(SARError):
+    """The user cancelled running work."""
+
+
+class RegistrationCancelled(Cancelled):
+    """The user cancelled a running registration; nothing was written."""
+
+
+class TrainingCancelled(Cancelled):
+    """The user cancelled training; the last checkpoint is kept."""

@@ -3,7 +3,9 @@
 Everything before the last layer depends only on the image pair, so it is computed once
 (:func:`encode_pair`); each iteration then costs the last layer, the warp and the losses. The
 network itself is never modified: a copy of its last layer is tuned, so one loaded model can serve
-many registrations, also at the same time. The copy returned is the iterate of lowest loss, the
+many registrations, also at the same time in threads that use one device (``register`` moves the
+model to the device it is asked for, so threads asking for different devices must not share one
+model). The copy returned is the iterate of lowest loss, the
 network's own last layer included, so finetuning never ends worse than the network on its loss.
 """
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import losses
 from .distributed import join_process_group
-from .errors import RegistrationCancelled, WeightsError
+from .errors import TrainingCancelled, WeightsError
 from .finetuning import CancelCheck
 from .inflation import inflate_to_3d
 from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of, write_model_card
@@ -115,7 +115,7 @@ def train(settings: TrainingSettings, dataset, output_path, *, resume: bool = Fa
     step = start
     while step < settings.total_steps:
         if cancel is not None and cancel():
-            raise RegistrationCancelled(f"Training cancelled at step {step}; the last checkpoint is {checkpoint}.")
+            raise TrainingCancelled(f"Training cancelled at step {step}; the last checkpoint is {checkpoint}.")
         stage = settings.stage(step)
         batch = {name: value.to(device) for name, value in _batch(dataset, step, settings, rank, world_size).items()}
         if stage == "feature":

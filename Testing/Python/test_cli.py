@@ -17,7 +17,7 @@ import torch
 from helpers import one_torch_thread, small_label, small_pair_2d, tiny_model  # noqa: F401  (autouse fixture)
 from SARRegistrationLib import cli, training
 from SARRegistrationLib.datasets import SyntheticPairDataset
-from SARRegistrationLib.errors import RegistrationCancelled
+from SARRegistrationLib.errors import RegistrationCancelled, TrainingCancelled
 from SARRegistrationLib.model import SARModel, load_model, read_checkpoint, save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,7 +204,7 @@ def test_training_resumes_where_it_was_cancelled(tmp_path, monkeypatch):
     output = tmp_path / "resumed.pt"
     checkpoint = training.checkpoint_path_for(output)
 
-    with pytest.raises(RegistrationCancelled, match="cancelled at step 3"):
+    with pytest.raises(TrainingCancelled, match="cancelled at step 3"):
         training.train(settings, dataset, output, device="cpu", show_progress=False, cancel=_cancel_after(3))
     assert not output.exists()
     state = read_checkpoint(checkpoint)
@@ -245,7 +245,7 @@ def test_cli_train_resume(tmp_path, monkeypatch, capsys):
     from SARRegistrationLib.datasets import training_dataset
 
     dataset = training_dataset([], (32, 32), 2, synthetic=2, seed=0, max_displacement_mm=8.0)
-    with pytest.raises(RegistrationCancelled):
+    with pytest.raises(TrainingCancelled):
         training.train(settings, dataset, output, device="cpu", show_progress=False, cancel=_cancel_after(2))
     assert read_checkpoint(training.checkpoint_path_for(output))["training"]["step"] == 2
 
