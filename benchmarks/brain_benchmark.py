@@ -426,7 +426,7 @@ def render_markdown(results: dict) -> str:
              "through each method's field on the reference grid; folded (%) is the share of reference voxels "
              "with a non-positive Jacobian determinant; seconds are each method's registration call only. "
              "mean ± sample sd over pairs. Comparisons: paired differences over the pairs both rows ran; "
-             "\"SAR\" is the default row (network + finetuning + instance optimisation)."]
+             "\"SAR default\" is the default pipeline's row (instance optimisation, no network)."]
     for dataset in dict.fromkeys(s["dataset"] for s in results["summary"]):
         pairs = max((s["pairs"] for s in results["summary"] if s["dataset"] == dataset), default=0)
         lines += ["", f"## {dataset}: {group_named(dataset).title} — {results['settings'].get('pairs', pairs)} pairs",

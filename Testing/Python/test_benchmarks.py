@@ -273,3 +273,16 @@ def test_synthetic_field_error_scores_zero_field_and_weights(tmp_path):
     assert zero["all"] > 0 and f"{zero['all']:.3f}" in lines[2]
     perfect = synthetic_field_error.field_errors(pairs["displacement"], pairs["displacement"])
     assert perfect == {"all": 0.0, "z": 0.0, "in-plane": 0.0}
+
+
+def test_summary_table_reads_the_default_row_and_the_best_peer():
+    from benchmarks import summarise_results
+
+    rows = [{"dataset": "2D T1->PD", "pair": p, "method": m, "label": m, "status": "ok", "dice": d, "hd95_mm": h,
+             "mad_mm": 0.0, "folded_percent": 0.0, "seconds": s}
+            for p in (0, 1) for m, d, h, s in (("before", 0.8, 3.0, None), ("sar", 0.95, 1.0, 0.5),
+                                               ("sar_full", 0.94, 1.0, 1.0), ("elastix", 0.93, 1.1, 2.0))]
+    summary = bench.summarise(rows)
+    table = summarise_results.summary_table({"summary": summary, "comparisons": bench.comparisons(rows, summary)})
+    assert table.splitlines()[2] == ("| 2D T1->PD | 0.800 | 0.950 | 1.00 | 0.000 | 0.50 | elastix | 0.930 | 1.10 | "
+                                     "2.00 | 4.0× | — | — | 0.940 |")

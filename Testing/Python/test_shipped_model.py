@@ -52,18 +52,22 @@ def test_identity_pair_gives_a_near_zero_field(read_test_image, model_2d):
 def test_multimodal_sample_pair_is_registered_with_and_without_finetuning(data_dir, model_2d):
     """T1 floating against PD reference: the sample pair, whose ventricles were moved by a known B-spline.
 
-    Both the trained network alone and the finetuned one must bring the ventricles clearly closer.
-    (On this pair finetuning ends slightly below the network alone in Dice: see the README.)
+    Both the trained network alone and the finetuned one (the paper's registration, without
+    instance optimisation) must bring the ventricles clearly closer, and finetuning must not end
+    below the network alone (it did before issue 12: see the README's benchmark).
     """
     pair = {"reference": data_dir / "brain_pd.nrrd", "floating": data_dir / "sample_floating_t1.nrrd",
             "reference_mask": data_dir / "brain_ventricles.nrrd",
             "floating_mask": data_dir / "sample_floating_ventricles.nrrd"}
+    dice = []
     for options in ({"finetune": False}, {"max_iterations": 100}):
-        result = register(**pair, model=model_2d, device="cpu", **options)
+        result = register(**pair, model=model_2d, device="cpu", instance_optimisation=False, **options)
         assert result.metrics["after"]["dice"] > result.metrics["before"]["dice"] + 0.1
         assert result.metrics["after"]["mad_mm"] < 0.6 * result.metrics["before"]["mad_mm"]
         assert result.metrics["folding_fraction"] < 0.005
         assert result.metrics["iterations"] <= 100
+        dice.append(result.metrics["after"]["dice"])
+    assert dice[1] >= dice[0]
 
 
 def test_volume_mode_without_3d_weights_points_to_slicewise(read_test_image):
