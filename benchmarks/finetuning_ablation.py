@@ -311,7 +311,7 @@ def brain_tables(results: dict) -> list[str]:
         count = len(by_variant[ALONE])
         lines += ["", f"**{group}** (Dice of the ventricles)", "",
                   "| finetuning | " + " | ".join(f"pair {k}" for k in range(count))
-                  + f" | mean | pairs worse than the network (by > {DICE_TOLERANCE}) | largest fall |",
+                  + f" | mean | pairs worse than the network (by > {DICE_TOLERANCE}) | worst change |",
                   "|---" * (count + 4) + "|"]
         alone = np.array(by_variant[ALONE])
         for name, dice in by_variant.items():
@@ -370,8 +370,8 @@ def main(argv=None) -> int:
              f"Dice falls below it by more than {DICE_TOLERANCE}. Every row changes one thing in today's default.",
              "",
              "| finetuning | error: same contrast | contrast curve | two contrasts | all | Dice: synthetic, one "
-             "image | two contrasts | pairs worse (error) | largest error rise (mm) | pairs worse (Dice) | "
-             "largest Dice fall |", "|---" * 11 + "|"]
+             "image | two contrasts | pairs worse (error) | worst error change (mm) | pairs worse (Dice) | "
+             "worst Dice change |", "|---" * 11 + "|"]
     lines += [summary_line(name, rows, alone) for name, rows in results.items()]
     lines += ["", "Per pair: field error in mm (Dice):", ""]
     lines += per_pair_table(results, list(BRAIN_VARIANTS))
