@@ -14,7 +14,7 @@ Tensors are ``(1, C, *spatial)`` on the optimisation grid, fields in voxels of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -66,6 +66,7 @@ class OptimisationResult:
     start_loss: float  # the objective on the evaluation voxels, of the start and of the returned field
     final_loss: float
     kept_initial: bool  # the residual did not lower the objective, so the initial field was kept
+    losses: list = field(default_factory=list)  # the objective of every iteration, on its samples
 
 
 def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: torch.Tensor | None = None,
@@ -111,7 +112,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         start_loss = float(_objective(finest, initial, None, evaluation_points, settings, use_masks, shape))
 
     total = settings.levels * settings.iterations
-    done = 0
+    done, history = 0, []
     for level in range(settings.levels):
         factor = 2 ** (settings.levels - 1 - level)
         images = finest if factor == 1 else images_at(factor)
@@ -137,18 +138,19 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
             loss.backward()
             adam.step()
             done += 1
+            history.append(float(loss.detach()))
             if progress is not None:
                 progress(done / total, f"instance optimisation: level {level + 1} of {settings.levels}, "
-                                       f"iteration {done}, loss {float(loss.detach()):.4f}")
+                                       f"iteration {done}, loss {history[-1]:.4f}")
 
     with torch.no_grad():
         final_loss = float(_objective(finest, initial, residual, evaluation_points, settings, use_masks, shape))
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
         if final_loss >= start_loss:
-            return OptimisationResult(initial, done, start_loss, start_loss, kept_initial=True)
+            return OptimisationResult(initial, done, start_loss, start_loss, True, history)
         displacement = initial + _resize(residual.detach(), shape)
-    return OptimisationResult(displacement, done, start_loss, final_loss, kept_initial=False)
+    return OptimisationResult(displacement, done, start_loss, final_loss, False, history)
 
 
 def _points(shape, samples: int, generator: torch.Generator, device) -> torch.Tensor:

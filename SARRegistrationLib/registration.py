@@ -195,6 +195,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     stage_seconds["preparation"] = time.perf_counter() - started
 
     iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
+    finetuning_losses = []
     if network:
         stage_start = time.perf_counter()
         reference_input = network_input(reference, grid, slicewise, torch_device)
@@ -218,6 +219,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                                         progress=lambda f, message: report(0.2 + share * f, message), cancel=cancel,
                                         ignore_mask=ignore_input)
             displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
+            finetuning_losses = [round(loss, 5) for loss in tuned.losses]
             stage_seconds["finetuning"] = time.perf_counter() - stage_start
         else:
             with torch.no_grad():
@@ -267,7 +269,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                "device": str(torch_device), "network": network,
                "affine_prealignment": affine, "overlap_fraction": round(overlap, 4),
                "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
-               "iterations": iterations, "converged": converged,
+               "iterations": iterations, "converged": converged, "finetuning_losses": finetuning_losses,
                "instance_optimisation": optimisation_summary,
                "folding_fraction": folding, "max_displacement_mm": largest_displacement,
                "weights": model.metadata.get("weights_path", "in memory") if network else None}
@@ -345,7 +347,8 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
                                cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
-               "kept_first_estimate": result.kept_initial}
+               "kept_first_estimate": result.kept_initial,
+               "losses": [round(loss, 5) for loss in result.losses]}
     return result.displacement[0].detach().cpu().numpy().astype(np.float64), summary
 
 

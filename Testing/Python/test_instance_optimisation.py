@@ -32,6 +32,8 @@ def test_lowers_a_known_fields_error_on_a_real_image(lung_pair):
     reference, floating, transform = lung_pair
     result = register(reference, floating, device="cpu")
     assert result.metrics["network"] is False and result.metrics["instance_optimisation"]["iterations"] == 120
+    losses = result.metrics["instance_optimisation"]["losses"]  # the loss curve, one value an iteration
+    assert len(losses) == 120 and np.mean(losses[-10:]) < np.mean(losses[:10])
     applied = _applied_field(transform, reference)
     error = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
     assert error < 0.4 * np.linalg.norm(applied, axis=-1).mean()

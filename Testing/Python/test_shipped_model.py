@@ -66,6 +66,7 @@ def test_multimodal_sample_pair_is_registered_with_and_without_finetuning(data_d
         assert result.metrics["after"]["mad_mm"] < 0.6 * result.metrics["before"]["mad_mm"]
         assert result.metrics["folding_fraction"] < 0.005
         assert result.metrics["iterations"] <= 100
+        assert len(result.metrics["finetuning_losses"]) == result.metrics["iterations"]
         dice.append(result.metrics["after"]["dice"])
     assert dice[1] >= dice[0]
 
