@@ -17,7 +17,7 @@ import torch
 from helpers import one_torch_thread, small_label, small_pair_2d, tiny_model  # noqa: F401  (autouse fixture)
 from SARRegistrationLib import cli, training
 from SARRegistrationLib.datasets import SyntheticPairDataset
-from SARRegistrationLib.errors import RegistrationCancelled, TrainingCancelled
+from SARRegistrationLib.errors import TrainingCancelled
 from SARRegistrationLib.model import SARModel, load_model, read_checkpoint, save_model
 
 REPO = Path(__file__).resolve().parents[2]
