@@ -136,7 +136,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimisation-levels", type=int, help="instance optimisation: resolution levels")
     parser.add_argument("--network", action=argparse.BooleanOptionalAction,
                         help="start from the network's (finetuned) field and write SAR's masks (default: only "
-                             "when --weights is given; instance optimisation from the identity was more accurate)")
+                             "when --weights is given: instance optimisation from the identity was as accurate "
+                             "or better)")
 
 
 def _registration_kwargs(args) -> dict:
