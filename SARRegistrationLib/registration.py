@@ -265,7 +265,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                                                  floating, label=True, transform=prealignment.GetInverse())
 
     folding, largest_displacement = _field_statistics(field_mm)
-    summary = {"mode": ("slicewise" if slicewise else "volume") if ndims == 3 else "image",
+    # What ran on a volume: the network slice by slice, or a whole-volume stage (3D network or
+    # instance optimisation alone).
+    summary = {"mode": ("slicewise" if network and slicewise else "volume") if ndims == 3 else "image",
                "device": str(torch_device), "network": network,
                "affine_prealignment": affine, "overlap_fraction": round(overlap, 4),
                "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
