@@ -231,7 +231,7 @@ class SARRegistrationParameterNode:
     tolerance: Annotated[float, WithinRange(0.0, 1.0), Decimals(6), SingleStep(1e-5)] = 1e-4
     smoothness: Annotated[float, WithinRange(0.0, 5.0), Decimals(2), SingleStep(0.05)] = 0.5
     instanceOptimisation: bool = True
-    optimisationIterations: Annotated[int, WithinRange(1, 10000)] = 40
+    optimisationIterations: Annotated[int, WithinRange(0, 10000)] = decisions.AUTO_ITERATIONS
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
     weightsPath: str = ""
     ignoreMask: StructureNode
@@ -483,7 +483,7 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 maxIterations=parameters.maxIterations,
                 tolerance=parameters.tolerance, smoothness=parameters.smoothness,
                 instanceOptimisation=parameters.instanceOptimisation,
-                optimisationIterations=parameters.optimisationIterations,
+                optimisationIterations=decisions.engineIterations(parameters.optimisationIterations),
                 optimisationLevels=parameters.optimisationLevels, weightsPath=parameters.weightsPath or None,
                 computeInverse=parameters.computeInverse, computeJacobian=parameters.computeJacobian,
                 warpedVolume=parameters.warpedVolume, transform=parameters.transform,

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 # Presets up front; "custom" is what the settings are when they match neither. "accurate" is the
 # engine's defaults (SARRegistrationLib.register, OptimisationSettings), so a run with the default
 # preset gives the command line's result; "fast" trades iterations for time.
+# The panel's instance-optimisation iterations of 0 ("Auto") leave the engine's default of the
+# images' dimension (OptimisationSettings.iterations_for).
+AUTO_ITERATIONS = 0
 PRESETS = {
     "accurate": {"finetune": True, "maxIterations": 100, "instanceOptimisation": True,
-                 "optimisationIterations": 40, "optimisationLevels": 3},
+                 "optimisationIterations": AUTO_ITERATIONS, "optimisationLevels": 3},
     "fast": {"finetune": True, "maxIterations": 30, "instanceOptimisation": True,
              "optimisationIterations": 15, "optimisationLevels": 2},
 }
@@ -105,6 +108,11 @@ def deviceChoices(cudaAvailable: bool | None) -> list[DeviceChoice]:
 def deviceAfterProbe(chosen: str, cudaAvailable: bool | None) -> str:
     """The device to keep once PyTorch has been looked at: a GPU choice without a GPU becomes auto."""
     return "auto" if chosen == "cuda" and cudaAvailable is False else chosen
+
+
+def engineIterations(panelValue: int) -> int | None:
+    """The engine's ``optimisation_iterations`` for the panel's value: None (its default) for "Auto"."""
+    return None if panelValue == AUTO_ITERATIONS else panelValue
 
 
 def presetSettings(preset: str) -> dict:

@@ -132,7 +132,7 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="weights file (default: the shipped model)")
     parser.add_argument("--no-instance-optimisation", action="store_true",
                         help="keep the network's (finetuned) field: no per-pair optimisation of a residual field")
-    parser.add_argument("--optimisation-iterations", type=int, help="instance optimisation: iterations per level")
+    parser.add_argument("--optimisation-iterations", type=int, help="instance optimisation: iterations per level (default 40 in 2D, 80 in 3D)")
     parser.add_argument("--optimisation-levels", type=int, help="instance optimisation: resolution levels")
     parser.add_argument("--network", action=argparse.BooleanOptionalAction,
                         help="start from the network's (finetuned) field and write SAR's masks (default: only "

@@ -6,7 +6,14 @@ interpolation between control points, a diffusion penalty between them), optimis
 coarse to fine on ``2 - NMI`` (which holds when the contrasts differ), optionally with the log-Dice
 of SAR's own masks. Each iteration compares at most ``samples`` voxels, drawn at random (as
 Elastix's random sampler does), so its cost does not grow with the image: a 3D volume costs about
-what a 2D image does. Draws come from a seeded generator, so a run is deterministic on the CPU.
+what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres the reference
+is not interpolated while the warped floating image is, which biases mutual information towards
+whole-voxel shifts (the interpolation artefact Elastix's random-coordinate sampler avoids; voxel
+centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``). Draws come from a
+seeded generator, so a run is deterministic on the CPU.
+
+Steps are in millimetres (the residual is optimised in mm and converted with the grid's spacing),
+because anatomy moves by millimetres whatever the voxel size.
 
 Tensors are ``(1, C, *spatial)`` on the optimisation grid, fields in voxels of that grid, channel
 ``i`` along array axis ``i`` (see :mod:`spatial`), pull-back: ``warped(x) = floating(x + u(x))``.
@@ -26,6 +33,9 @@ from .optimisers import Adam
 from .spatial import downsample
 
 ProgressCallback = Callable[[float, str], None]
+# A volume's iterations cost about what an image's do (the samples are capped), and on the 3D tuning
+# pairs 80 lowered the field error by a further 5-12 % where in 2D the time target leaves no room.
+DEFAULT_ITERATIONS = {2: 40, 3: 80}
 
 
 @dataclass
@@ -33,19 +43,25 @@ class OptimisationSettings:
     """How the residual field is optimised. Defaults chosen on non-brain and synthetic pairs."""
 
     levels: int = 3  # resolution levels, coarsest first: images shrunk by 2**(levels-1), ..., 1
-    iterations: int = 40  # Adam iterations per level
+    iterations: int | None = None  # Adam iterations per level; None: DEFAULT_ITERATIONS of the image's dimension
     samples: int = 16384  # voxels compared per iteration; every voxel when a level has fewer
     control_spacing: int = 8  # voxels of a level between control points
-    learning_rate: float = 0.2  # voxels of the level per step, at most (a coarse level's are larger)
-    smoothness: float = 1.0  # weight of the diffusion penalty on the control grid
+    learning_rate: float = 0.6  # mm per step at the finest level, at most (a level k times coarser: k times more)
+    smoothness: float = 0.5  # weight of the diffusion penalty on the control grid
     mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
     bins: int = 32  # NMI histogram bins
     nmi_kernel: str = "linear"  # Parzen window of the NMI histograms: "linear" (fast) or "gaussian"
     seed: int = 0
 
+    def iterations_for(self, ndims: int) -> int:
+        """Iterations per level for images of ``ndims`` dimensions."""
+        return DEFAULT_ITERATIONS[ndims] if self.iterations is None else self.iterations
+
     def check(self) -> None:
         for name in ("levels", "iterations", "samples", "control_spacing", "bins"):
             value = getattr(self, name)
+            if name == "iterations" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SettingsError(f"The instance optimisation's {name.replace('_', ' ')} must be a whole number "
                                     f"of at least 1, not {value!r}.")
@@ -72,7 +88,7 @@ class OptimisationResult:
 def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: torch.Tensor | None = None,
                       settings: OptimisationSettings | None = None, *, reference_mask: torch.Tensor | None = None,
                       floating_mask: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
-                      progress: ProgressCallback | None = None,
+                      spacing=None, progress: ProgressCallback | None = None,
                       cancel: Callable[[], bool] | None = None) -> OptimisationResult:
     """Optimise ``initial + residual`` so that ``floating`` warped by it matches ``reference``.
 
@@ -81,6 +97,8 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         initial: ``(1, ndims, *spatial)`` voxel field to start from (the network's); zero if None.
         reference_mask, floating_mask: SAR's soft masks ``(1, 1, *spatial)``, for ``mask_weight``.
         ignore_mask: ``(1, 1, *spatial)`` in [0, 1], 1 where the images are not compared.
+        spacing: the grid's voxel size in mm per array axis (1 mm if None). The residual is
+            optimised in mm, so a step has one physical length whatever the voxel size.
 
     The objective is measured on one fixed set of voxels before and after; if the residual did not
     lower it, the initial field is returned unchanged, so this stage never ends worse (by its own
@@ -107,11 +125,14 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     finest = images_at(1)
     evaluation_points = _points(shape, settings.samples * 4, torch.Generator(device="cpu").manual_seed(
         settings.seed + 1), reference.device)
-    residual = None
+    per_mm = torch.tensor([1.0] * ndims if spacing is None else [1.0 / float(size) for size in spacing],
+                          dtype=reference.dtype, device=reference.device).view(1, ndims, *([1] * ndims))
+    residual = None  # in mm, on the control grid; per_mm * residual is in voxels
     with torch.no_grad():
         start_loss = float(_objective(finest, initial, None, evaluation_points, settings, use_masks, shape))
 
-    total = settings.levels * settings.iterations
+    iterations = settings.iterations_for(ndims)
+    total = settings.levels * iterations
     done, history = 0, []
     for level in range(settings.levels):
         factor = 2 ** (settings.levels - 1 - level)
@@ -124,17 +145,18 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
             if residual is None else _resize(residual.detach(), control_shape)
         residual.requires_grad_(True)
         adam = Adam([residual], lr=settings.learning_rate)
-        for iteration in range(settings.iterations):
-            # Steps are in the level's voxels, so coarse levels travel far (capture range: on 15 mm
-            # deformations the field error was 1.25 mm with full-resolution steps, 0.26 mm so), and
-            # shrink linearly to a tenth within each level: the random samples make the gradient
-            # noisy, and smaller final steps average that noise out instead of ending on it.
-            adam.lr = settings.learning_rate * factor * (1 - 0.9 * iteration / settings.iterations)
+        for iteration in range(iterations):
+            # Steps grow with the level's factor, so coarse levels travel far (capture range: on 15 mm
+            # deformations the field error was 1.25 mm with full-resolution steps, 0.26 mm so; on
+            # 20 mm ones 0.6 mm steps halved the error of 0.2 mm ones), and shrink linearly to a
+            # tenth within each level: the random samples make the gradient noisy, and smaller final
+            # steps average that noise out instead of ending on it.
+            adam.lr = settings.learning_rate * factor * (1 - 0.9 * iteration / iterations)
             if cancel is not None and cancel():
                 raise RegistrationCancelled("Registration cancelled during instance optimisation; nothing was written.")
             points = _points(level_shape, settings.samples, generator, reference.device)
             adam.zero_grad()
-            loss = _objective(images, initial, residual, points, settings, use_masks, shape)
+            loss = _objective(images, initial, residual * per_mm, points, settings, use_masks, shape)
             loss.backward()
             adam.step()
             done += 1
@@ -144,12 +166,13 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
                                        f"iteration {done}, loss {history[-1]:.4f}")
 
     with torch.no_grad():
+        residual = residual.detach() * per_mm
         final_loss = float(_objective(finest, initial, residual, evaluation_points, settings, use_masks, shape))
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
         if final_loss >= start_loss:
             return OptimisationResult(initial, done, start_loss, start_loss, True, history)
-        displacement = initial + _resize(residual.detach(), shape)
+        displacement = initial + _resize(residual, shape)
     return OptimisationResult(displacement, done, start_loss, final_loss, False, history)
 
 

@@ -345,8 +345,8 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
             soft = _mask_image(soft_otsu_mask(fused), field_grid, encoding_slicewise, np.float32)
             masks[name] = torch.from_numpy(imageio.array_of(imageio.resample_to(soft, grid)))[None, None].to(device)
     ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
-    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, progress=progress,
-                               cancel=cancel, **masks)
+    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore,
+                               spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,

@@ -997,8 +997,8 @@ def test_defaults_are_the_engines(module, logic):
     assert parameters.network.engineValue() is engine["network"].default
     assert parameters.preset is module.RegistrationPreset.ACCURATE
     settings = OptimisationSettings()
-    assert (parameters.optimisationIterations, parameters.optimisationLevels) == (settings.iterations,
-                                                                                  settings.levels)
+    assert (module.decisions.engineIterations(parameters.optimisationIterations),
+            parameters.optimisationLevels) == (settings.iterations, settings.levels)
     assert parameters.smoothness == LossWeights().smoothness
     assert (parameters.maxIterations, parameters.tolerance, parameters.finetune, parameters.instanceOptimisation,
             parameters.affine) == (engine["max_iterations"].default, engine["tolerance"].default,
