@@ -30,7 +30,7 @@ import SimpleITK as sitk
 import torch
 
 from . import imageio, metrics
-from .deformations import affine_align
+from .affine import affine_align
 from .fields import displacement_in_voxels, displacement_to_sitk
 from .instance_optimisation import OptimisationSettings, optimise_residual
 from .devices import resolve_device

@@ -52,11 +52,11 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from SARRegistrationLib import imageio, losses, registration  # noqa: E402
-from SARRegistrationLib.deformations import (random_bspline_transform, synthetic_image,  # noqa: E402
-                                             synthetic_label_map, synthetic_sample)
+from SARRegistrationLib.deformations import random_bspline_transform  # noqa: E402
 from SARRegistrationLib.evaluation import evaluate_known_deformations  # noqa: E402
 from SARRegistrationLib.finetuning import FinetuneSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
+from SARRegistrationLib.synthetic import synthetic_image, synthetic_label_map, synthetic_sample  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
 from benchmarks.brain_benchmark import GROUPS, group_pairs, measure  # noqa: E402
