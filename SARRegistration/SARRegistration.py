@@ -1118,7 +1118,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
 
         report(0.0, _("loading PyTorch and the SAR engine"))
         import SARRegistrationLib as sar  # the first import of PyTorch: seconds
-        from SARRegistrationLib import imageio
+        from SARRegistrationLib import grids, imageio
 
         import SARRegistrationFields as fields  # SimpleITK: loaded when needed, not at Slicer's start-up
 
@@ -1161,7 +1161,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         # Each segment is warped by the engine's own resampling with the engine's transform.
         report(0.88, _("warping the structures"))
         warpedStructures = self._segments([
-            _Structure(structure.name, structure.color, referenceGrid.arrayFromImage(imageio.resample_to(
+            _Structure(structure.name, structure.color, referenceGrid.arrayFromImage(grids.resample_to(
                 floatingGrid.sitkImage(structure.mask), run.reference, label=True, transform=engineTransform)))
             for structure in run.floatingStructures], referenceGrid)
         check()

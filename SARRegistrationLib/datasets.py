@@ -17,7 +17,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from .deformations import make_training_pair
 from .synthetic import synthetic_sample
-from .imageio import SUPPORTED_SUFFIXES, grid_with_shape, read_image
+from .grids import grid_with_shape
+from .imageio import SUPPORTED_SUFFIXES, read_image
 
 Source = tuple[sitk.Image, sitk.Image | None]
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from SARRegistrationLib import imageio, metrics, register  # noqa: E402
+from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
 from SARRegistrationLib.deformations import augment_intensity, foreground_mask, random_bspline_transform  # noqa: E402
 from SARRegistrationLib.instance_optimisation import OptimisationSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
@@ -105,7 +105,7 @@ def score(pairs: list[dict], options: dict, model, masks: bool) -> dict:
                           device="cpu", **options)
         errors.append(np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1).mean())
         if masks:
-            warped = imageio.resample_to(pair["floating_mask"], pair["reference"], label=True,
+            warped = grids.resample_to(pair["floating_mask"], pair["reference"], label=True,
                                          transform=result.transform())
             dice.append(metrics.dice(imageio.array_of(pair["reference_mask"]), imageio.array_of(warped)))
         folded.append(100 * result.metrics["folding_fraction"])
