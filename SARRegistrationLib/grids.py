@@ -8,9 +8,6 @@ import SimpleITK as sitk
 
 from .errors import InputImageError
 
-# The network halves the grid three times, so its working shape must be a multiple of 8.
-GRID_MULTIPLE = 8
-
 
 def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """The lowest and highest physical coordinates (mm, LPS) of ``image``'s voxel centres."""
@@ -53,16 +50,17 @@ def grid_with_shape(image: sitk.Image, size) -> sitk.Image:
     return grid
 
 
-def working_grid(reference: sitk.Image, max_size: int, keep_axes=(), multiple: int = GRID_MULTIPLE) -> sitk.Image:
-    """The network's grid over the reference's extent: at most ``max_size`` voxels per axis.
+def working_grid(reference: sitk.Image, max_size: int, multiple: int, keep_axes=()) -> sitk.Image:
+    """A working grid over the reference's extent: at most ``max_size`` voxels per axis.
 
     Its voxels are as close to cubic as the image allows, since the networks are trained on
     isotropic grids: the physically longest axis gets ``max_size`` voxels (or its own count, if
     fewer) and the others the same spacing, but never more voxels than they have (thick slices of
     0.5 x 0.5 x 5 mm are not interpolated up). Sizes are then rounded up to a multiple of
-    ``multiple`` (the network's needs 8; instance optimisation's grid takes 1, so an image within
-    its size is its own grid); axes in ``keep_axes`` (SimpleITK ``x, y, z`` order) keep their voxel
-    count, as the slice axis does in slice-wise registration.
+    ``multiple`` (the network's ``generator.shape_multiple``, which its channels set; instance
+    optimisation's grid takes 1, so an image within its size is its own grid); axes in
+    ``keep_axes`` (SimpleITK ``x, y, z`` order) keep their voxel count, as the slice axis does in
+    slice-wise registration.
     """
     size = np.array(reference.GetSize())
     extent = size * np.array(reference.GetSpacing())

@@ -187,9 +187,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         report(0.03, "affine pre-alignment")
         prealignment = affine_align(reference, floating)
     # The network's grid (slices run along SimpleITK's k axis, array axis 0, which keeps its voxel
-    # count) and instance optimisation's, which needs no multiple of 8.
-    grid = grids.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ()) \
-        if network else None
+    # count), in multiples of what the network needs, and instance optimisation's, which needs none.
+    grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple,
+                              keep_axes=(2,) if slicewise else ()) if network else None
     optimisation_grid = None if optimisation is None else \
         grids.working_grid(reference, OPTIMISATION_GRID_SIZE[ndims], multiple=1)
     overlap = grids.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
