@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .fields import transform_to_displacement
-from .imageio import array_of, image_like, normalize_intensity
+from .imageio import array_of, image_like, normalise_intensity
 
 # ---------------------------------------------------------------------------------------------
 # Random transforms
@@ -66,7 +66,7 @@ def known_deformation(image: sitk.Image, mask: sitk.Image | None, rng: np.random
     moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     moved_mask = None if mask is None else sitk.Resample(mask, mask, transform, sitk.sitkNearestNeighbor, 0)
     if remap_intensity:
-        remapped = augment_intensity(normalize_intensity(array_of(moved)), rng, 1.0)
+        remapped = augment_intensity(normalise_intensity(array_of(moved)), rng, 1.0)
         moved = image_like(remapped.astype(np.float32), moved)
     return moved, moved_mask, transform
 
@@ -128,11 +128,11 @@ def augment_intensity(array: np.ndarray, rng: np.random.Generator, remap_probabi
     coarse_shape = tuple(min(4, n) for n in array.shape)
     bias = np.exp(rng.uniform(0, 0.3) * smooth_noise(array.shape, rng, coarse_shape))
     gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
-    augmented = normalize_intensity(np.clip(array * bias, 0, None) ** gamma)
+    augmented = normalise_intensity(np.clip(array * bias, 0, None) ** gamma)
     if rng.uniform() < remap_probability:
         knots = np.linspace(0.0, 1.0, 6)
         augmented = np.interp(augmented, knots, rng.uniform(0.0, 1.0, knots.size))
-    return normalize_intensity(augmented + rng.normal(0, rng.uniform(0, 0.03), size=array.shape))
+    return normalise_intensity(augmented + rng.normal(0, rng.uniform(0, 0.03), size=array.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.rando
         ``reference_mask``, ``floating_mask`` (``spatial``, 0/1) and ``displacement``
         (``(ndims, *spatial)``, voxels) with ``warp(floating, displacement) ≈ reference``.
     """
-    scaled = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayFromImage(image)))
+    scaled = sitk.GetImageFromArray(normalise_intensity(sitk.GetArrayFromImage(image)))
     scaled.CopyInformation(image)
     mask = foreground_mask(image) if mask is None else sitk.Cast(mask != 0, sitk.sitkUInt8)
     if affine:

@@ -127,7 +127,7 @@ def check_size(image: sitk.Image, role: str, slicewise: bool = False) -> None:
                               f"at least {MIN_VOXELS_PER_AXIS} along each of {', '.join(axes)}.{hint}")
 
 
-def normalize_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> np.ndarray:
+def normalise_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_percentile: float = 99.0) -> np.ndarray:
     """Map intensities to [0, 1] by clipping at robust percentiles (bright outliers do not squash the rest)."""
     array = np.asarray(array, dtype=np.float32)
     low, high = np.percentile(array, [lower_percentile, upper_percentile])

@@ -393,7 +393,7 @@ def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, 
     """
     array = imageio.array_of(grids.resample_to(image, grid, transform=transform)).astype(np.float32)
     if normalise:
-        array = imageio.normalize_intensity(array)
+        array = imageio.normalise_intensity(array)
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)

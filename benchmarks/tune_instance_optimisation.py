@@ -87,7 +87,7 @@ def known_pairs(images, family: str, contrast_change: bool, count: int, seed: in
             transform = FAMILIES[family](image, rng)
             reference, reference_mask = move(image, mask, transform)
             if contrast_change:
-                remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(reference)), rng, 1.0)
+                remapped = augment_intensity(imageio.normalise_intensity(imageio.array_of(reference)), rng, 1.0)
                 reference = imageio.image_like(remapped.astype(np.float32), reference)
             applied = imageio.array_of(sitk.TransformToDisplacementField(
                 transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(),

@@ -18,7 +18,7 @@ def real_pair(read_test_image):
     grid = grids.grid_with_shape(reference, (64, 64))
 
     def tensor(image):
-        array = imageio.normalize_intensity(imageio.array_of(grids.resample_to(image, grid)))
+        array = imageio.normalise_intensity(imageio.array_of(grids.resample_to(image, grid)))
         return torch.from_numpy(array)[None, None]
 
     return tensor(reference), tensor(floating)

@@ -127,15 +127,15 @@ def test_check_pair_rejects_2d_against_3d():
         imageio.check_pair(image_3d, image_2d)
 
 
-def test_normalize_intensity_range_and_outlier(read_test_image):
+def test_normalise_intensity_range_and_outlier(read_test_image):
     array = sitk.GetArrayFromImage(read_test_image("brain_pd.nrrd")).astype(np.float32)
-    normalised = imageio.normalize_intensity(array)
+    normalised = imageio.normalise_intensity(array)
     assert normalised.dtype == np.float32 and normalised.shape == array.shape
     assert normalised.min() == 0.0 and normalised.max() == 1.0
 
     with_outlier = array.copy()
     with_outlier[0, 0] = 1e6  # one hot voxel must not squash the rest of the range
-    robust = imageio.normalize_intensity(with_outlier)
+    robust = imageio.normalise_intensity(with_outlier)
     assert robust.min() >= 0.0 and robust.max() <= 1.0
     inside = np.ones(array.shape, bool)
     inside[0, 0] = False
@@ -144,8 +144,8 @@ def test_normalize_intensity_range_and_outlier(read_test_image):
     assert np.median(robust) == pytest.approx(np.median(normalised), abs=1e-6)
 
 
-def test_normalize_intensity_mostly_constant_image():
+def test_normalise_intensity_mostly_constant_image():
     array = np.zeros((20, 20), np.float32)
     array[0, 0] = 5.0  # above the 99th percentile: percentiles are equal, fall back to the full range
-    normalised = imageio.normalize_intensity(array)
+    normalised = imageio.normalise_intensity(array)
     assert normalised.min() == 0.0 and normalised.max() == 1.0 and np.isfinite(normalised).all()
