@@ -69,8 +69,8 @@ RUN_RECORD_ATTRIBUTE = "SARRegistration.RunRecord"
 def _makeEngineImportable() -> None:
     """Put the repository root on ``sys.path`` when the module runs from the source tree.
 
-    ``find_spec`` only locates the package: importing it would import PyTorch, which may not be
-    installed yet and is slow to load at application start-up.
+    ``find_spec`` only locates the package, importing none of it: the engine's modules import
+    PyTorch, which may not be installed yet and is slow to load at application start-up.
     """
     if importlib.util.find_spec(ENGINE_PACKAGE) is not None:
         return
@@ -91,7 +91,7 @@ FLOATING_MASK_COLOR = (0.95, 0.6, 0.1)
 
 def shippedWeightsPath(ndims: int) -> Path | None:
     """Where the engine looks for its shipped ``ndims``-D weights, found without importing it
-    (importing the engine imports PyTorch)."""
+    (the engine's modules import PyTorch)."""
     spec = importlib.util.find_spec(ENGINE_PACKAGE)
     if spec is None or spec.origin is None:
         return None
@@ -140,8 +140,8 @@ Z. Ge, arXiv:1903.10139, 2019). Please cite that paper when you use this module.
 def registerSampleData() -> None:
     """Offer the sample pair in the Sample Data module (category Registration).
 
-    The files are listed once, by the engine (the command line's ``--sample``), and read only when
-    the user asks for the pair: listing them here at start-up would import the engine, and PyTorch.
+    The files are listed once, by the engine (``SARRegistrationLib.sample``, the command line's
+    ``--sample``), and read only when the user asks for the pair.
     """
     import SampleData
 
@@ -1117,8 +1117,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
             progress(fraction, message)
 
         report(0.0, _("loading PyTorch and the SAR engine"))
-        import SARRegistrationLib as sar  # the first import of PyTorch: seconds
-        from SARRegistrationLib import imageio
+        import SARRegistrationLib as sar
+        from SARRegistrationLib import grids, imageio
 
         import SARRegistrationFields as fields  # SimpleITK: loaded when needed, not at Slicer's start-up
 
@@ -1127,6 +1127,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 raise sar.RegistrationCancelled("The registration was cancelled.")
 
         check()
+        # The first import of PyTorch: seconds.
         from SARRegistrationLib.registration import network_dimension, uses_network
 
         model = run.model
@@ -1161,7 +1162,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         # Each segment is warped by the engine's own resampling with the engine's transform.
         report(0.88, _("warping the structures"))
         warpedStructures = self._segments([
-            _Structure(structure.name, structure.color, referenceGrid.arrayFromImage(imageio.resample_to(
+            _Structure(structure.name, structure.color, referenceGrid.arrayFromImage(grids.resample_to(
                 floatingGrid.sitkImage(structure.mask), run.reference, label=True, transform=engineTransform)))
             for structure in run.floatingStructures], referenceGrid)
         check()
@@ -1392,11 +1393,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def loadSamplePair(self) -> dict:
         """Load the sample pair of the command line's ``register --sample``: BrainWeb proton density
         (reference), the T1 slice moved by a known B-spline (floating), and their ventricle label maps."""
-        try:
-            from SARRegistrationLib.cli import SAMPLE  # the one list; importing the engine loads PyTorch
-        except ImportError as error:
-            raise RuntimeError(_("The sample pair is listed by the SAR engine, which needs its Python packages "
-                                 "({error}): click Register once to install them.").format(error=error)) from None
+        from SARRegistrationLib.sample import SAMPLE  # the one list, torch-free: loading the pair stays quick
         missing = [str(path) for path in SAMPLE.values() if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(_("The sample pair was not found: {files}.").format(files=", ".join(missing)))

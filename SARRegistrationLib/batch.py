@@ -43,6 +43,7 @@ from .errors import DeviceError, ManifestError, OutputError, RegistrationCancell
 from .finetuning import CancelCheck, ProgressCallback
 from .model import SARModel, load_model
 from .registration import network_dimension, register, uses_network
+from .staging import interrupts_recorded, staged_output_dir
 
 IMAGE_COLUMNS = ("reference", "floating", "reference_mask", "floating_mask", "ignore_mask")
 PAIR_COLUMNS = (*IMAGE_COLUMNS, "id")
@@ -193,7 +194,7 @@ def _merged_report(rows: dict, count: int, output_dir: Path, rank: int, world_si
     Ctrl-C is held back here: a rank that finished its share early waits here for the others,
     and torchrun hands its SIGINT to all of them at once.
     """
-    with imageio._interrupts_recorded() as interrupts:
+    with interrupts_recorded() as interrupts:
         if world_size > 1:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rows)
@@ -214,7 +215,7 @@ def succeeded(rows: list[dict]) -> bool:
 def write_report(output_dir, rows: list[dict]) -> list[Path]:
     """``report.csv`` and ``report.json`` in ``output_dir``: both, or on any error neither."""
     counts = collections.Counter(row["status"] for row in rows)
-    with imageio.staged_output_dir(output_dir) as staging:
+    with staged_output_dir(output_dir) as staging:
         with open(staging / REPORT_FILES[0], "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, REPORT_COLUMNS)
             writer.writeheader()
@@ -253,7 +254,7 @@ def _registered_pair(pair: Pair, pair_dir: Path, model_for, options: dict, done_
         # The batch entry is written last, once every file is in place: it is what marks the pair done.
         metrics = {**result.metrics, "batch": {**done_with, "inputs": pair.inputs(),
                                                "outputs": sorted(path.name for path in written)}}
-        with imageio.staged_output_dir(pair_dir) as staging:
+        with staged_output_dir(pair_dir) as staging:
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     except (RegistrationCancelled, SettingsError, DeviceError):
         raise

@@ -14,11 +14,7 @@ from .devices import DEVICE_CHOICES, resolve_device
 from .errors import SARError
 from .imageio import SUPPORTED_SUFFIXES
 from .registration import MODES
-
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data"
-SAMPLE = {"reference": SAMPLE_DIR / "brain_pd.nrrd", "floating": SAMPLE_DIR / "sample_floating_t1.nrrd",
-          "reference_mask": SAMPLE_DIR / "brain_ventricles.nrrd",
-          "floating_mask": SAMPLE_DIR / "sample_floating_ventricles.nrrd"}
+from .sample import SAMPLE
 
 
 def main(argv=None) -> int:

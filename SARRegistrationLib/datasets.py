@@ -15,8 +15,10 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from .deformations import make_training_pair, synthetic_sample
-from .imageio import SUPPORTED_SUFFIXES, grid_with_shape, read_image
+from .deformations import make_training_pair
+from .synthetic import synthetic_sample
+from .grids import grid_with_shape
+from .imageio import SUPPORTED_SUFFIXES, read_image
 
 Source = tuple[sitk.Image, sitk.Image | None]
 
@@ -146,7 +148,7 @@ class PairDataset(_PairDataset):
 
 
 class SyntheticPairDataset(_PairDataset):
-    """Training pairs from SynthMorph-style synthetic images (:func:`deformations.synthetic_sample`).
+    """Training pairs from SynthMorph-style synthetic images (:func:`synthetic.synthetic_sample`).
 
     Args:
         shape, length, seed, pair_options: as for :class:`PairDataset`.

@@ -1,4 +1,4 @@
-"""Training pairs with a known deformation, real or synthetic, 2D or 3D.
+"""Training pairs with a known deformation, 2D or 3D, and their random transforms and intensity augmentation.
 
 The geometry is done by SimpleITK in physical space (millimetres, ``x, y, z`` order); what
 leaves this module follows :mod:`SARRegistrationLib.spatial`: numpy arrays in ``z, y, x`` order and
@@ -10,9 +10,6 @@ optional random affine augmentation) is the *floating* image, and the *reference
 through a random cubic B-spline ``T``: ``reference(x) = I(T(x))``. The known displacement is then
 ``T(x) - x`` sampled on the grid, and ``spatial.warp(floating, displacement)`` reproduces the
 reference up to interpolation.
-
-Synthetic images follow SynthMorph (Hoffmann et al. 2022): random label maps from smoothed noise,
-random intensities per label, blur, bias field and noise; a few labels serve as the structure mask.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .fields import transform_to_displacement
-from .imageio import array_of, image_like, normalize_intensity
+from .imageio import array_of, image_like, normalise_intensity
 
 # ---------------------------------------------------------------------------------------------
 # Random transforms
@@ -69,7 +66,7 @@ def known_deformation(image: sitk.Image, mask: sitk.Image | None, rng: np.random
     moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     moved_mask = None if mask is None else sitk.Resample(mask, mask, transform, sitk.sitkNearestNeighbor, 0)
     if remap_intensity:
-        remapped = augment_intensity(normalize_intensity(array_of(moved)), rng, 1.0)
+        remapped = augment_intensity(normalise_intensity(array_of(moved)), rng, 1.0)
         moved = image_like(remapped.astype(np.float32), moved)
     return moved, moved_mask, transform
 
@@ -108,36 +105,6 @@ def random_affine_transform(image: sitk.Image, rng: np.random.Generator, max_rot
     return transform
 
 
-def affine_align(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-    """Affine pre-alignment of ``moving`` to ``fixed`` (paper §2.1), deterministic.
-
-    Mattes mutual information on every voxel (no random sampling, so repeated runs agree up to the
-    rounding of multi-threaded sums), a geometry-centred initial affine, regular-step gradient
-    descent over a 3-level pyramid (4, 2, 1 shrink factors).
-
-    Returns:
-        The fixed-to-moving transform (ITK convention): ``sitk.Resample(moving, fixed, transform)``
-        is ``moving`` aligned to ``fixed``.
-    """
-    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
-    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
-                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    registration = sitk.ImageRegistrationMethod()
-    registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    registration.SetMetricSamplingStrategy(registration.NONE)
-    registration.SetInterpolator(sitk.sitkLinear)
-    registration.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=100,
-                                                          gradientMagnitudeTolerance=1e-6)
-    # Matrix entries and translations move points by very different amounts; scale them alike.
-    registration.SetOptimizerScalesFromPhysicalShift()
-    registration.SetShrinkFactorsPerLevel([4, 2, 1])
-    registration.SetSmoothingSigmasPerLevel([2, 1, 0])
-    registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    registration.SetInitialTransform(initial, inPlace=False)
-    return registration.Execute(fixed, moving)
-
-
 # ---------------------------------------------------------------------------------------------
 # Intensities
 
@@ -161,11 +128,11 @@ def augment_intensity(array: np.ndarray, rng: np.random.Generator, remap_probabi
     coarse_shape = tuple(min(4, n) for n in array.shape)
     bias = np.exp(rng.uniform(0, 0.3) * smooth_noise(array.shape, rng, coarse_shape))
     gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
-    augmented = normalize_intensity(np.clip(array * bias, 0, None) ** gamma)
+    augmented = normalise_intensity(np.clip(array * bias, 0, None) ** gamma)
     if rng.uniform() < remap_probability:
         knots = np.linspace(0.0, 1.0, 6)
         augmented = np.interp(augmented, knots, rng.uniform(0.0, 1.0, knots.size))
-    return normalize_intensity(augmented + rng.normal(0, rng.uniform(0, 0.03), size=array.shape))
+    return normalise_intensity(augmented + rng.normal(0, rng.uniform(0, 0.03), size=array.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +172,7 @@ def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.rando
         ``reference_mask``, ``floating_mask`` (``spatial``, 0/1) and ``displacement``
         (``(ndims, *spatial)``, voxels) with ``warp(floating, displacement) ≈ reference``.
     """
-    scaled = sitk.GetImageFromArray(normalize_intensity(sitk.GetArrayFromImage(image)))
+    scaled = sitk.GetImageFromArray(normalise_intensity(sitk.GetArrayFromImage(image)))
     scaled.CopyInformation(image)
     mask = foreground_mask(image) if mask is None else sitk.Cast(mask != 0, sitk.sitkUInt8)
     if affine:
@@ -226,56 +193,3 @@ def make_training_pair(image: sitk.Image, mask: sitk.Image | None, rng: np.rando
         pair["reference"] = augment_intensity(pair["reference"], rng, contrast_remap)
         pair["floating"] = augment_intensity(pair["floating"], rng, contrast_remap)
     return {name: array.astype(np.float32) for name, array in pair.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic images (SynthMorph-style)
-
-
-def synthetic_label_map(shape: tuple[int, ...], rng: np.random.Generator, num_labels: int = 8) -> np.ndarray:
-    """Random label map ``shape`` (int64) with every label ``0 .. num_labels - 1`` present.
-
-    Each label gets smooth noise (a coarse grid of about one node per 16 voxels, at least 4 per axis,
-    cubic-spline upsampled); each voxel takes the label whose noise is largest. One distinct coarse
-    node per label is raised above all others so that no label can vanish.
-    """
-    coarse_shape = tuple(max(4, round(n / 16)) for n in shape)
-    num_nodes = int(np.prod(coarse_shape))
-    if num_labels > num_nodes:
-        raise ValueError(f"{num_labels} labels need a larger shape than {shape}")
-    coarse = rng.standard_normal((num_labels, num_nodes))
-    seeds = rng.choice(num_nodes, size=num_labels, replace=False)
-    coarse[np.arange(num_labels), seeds] = coarse.max() + 2.0
-    zoom = np.divide(shape, coarse_shape)
-    fields = [ndimage.zoom(c.reshape(coarse_shape), zoom, order=3, mode="nearest") for c in coarse]
-    return np.argmax(np.stack(fields), axis=0)
-
-
-def synthetic_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Image float32 in ``[0, 1]`` from a label map: random mean and texture per label, blur, bias, noise."""
-    num_labels = int(labels.max()) + 1
-    means = rng.uniform(0, 1, size=num_labels)
-    texture = rng.uniform(0, 0.05, size=num_labels)
-    image = means[labels] + texture[labels] * rng.standard_normal(labels.shape)
-    image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.5, 1.5))
-    return augment_intensity(image, rng)
-
-
-def synthetic_sample(shape: tuple[int, ...], rng: np.random.Generator,
-                     spacing: tuple[float, ...] | None = None) -> tuple[sitk.Image, sitk.Image]:
-    """A synthetic image and the mask of one or two of its labels, chosen at random as "the structure".
-
-    Args:
-        shape: array shape (``z, y, x`` order), 2D or 3D.
-        spacing: voxel spacing in mm in SimpleITK ``x, y, z`` order; 1 mm when ``None``.
-    Returns:
-        ``(image, mask)``: float32 image in ``[0, 1]`` and uint8 0/1 mask with the same geometry.
-    """
-    labels = synthetic_label_map(shape, rng)
-    structure = rng.choice(int(labels.max()) + 1, size=rng.integers(1, 3), replace=False)
-    image = sitk.GetImageFromArray(synthetic_image(labels, rng))
-    mask = sitk.GetImageFromArray(np.isin(labels, structure).astype(np.uint8))
-    if spacing is not None:
-        image.SetSpacing(spacing)
-        mask.SetSpacing(spacing)
-    return image, mask

@@ -1,4 +1,5 @@
-"""Errors a user can act on. Each message names the problem and, where it helps, the fix."""
+"""Errors a user can act on. Each message names the problem and, where it helps, the fix; and
+:func:`last_line`, the part of a library's error message that such a message quotes."""
 
 
 class SARError(Exception):
@@ -39,3 +40,9 @@ class RegistrationCancelled(Cancelled):
 
 class TrainingCancelled(Cancelled):
     """The user cancelled training; the last checkpoint is kept."""
+
+
+def last_line(error: Exception, default: str) -> str:
+    """The last line of an error's message (SimpleITK's end in the one that names the problem)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else default

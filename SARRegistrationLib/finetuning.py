@@ -96,7 +96,7 @@ def encode_pair(model: SARModel, reference: torch.Tensor, floating: torch.Tensor
     :func:`tuned_items` for those finetuning uses). ``progress(fraction)`` follows the chunks.
     """
     generator = model.generator
-    generator._check_input(reference, floating)
+    generator.check_input(reference, floating)  # the whole pair, before any chunk is encoded
     count = reference.shape[0]
     backward_items = torch.arange(count) if backward_items is None else torch.as_tensor(backward_items).long()
     parts, backward = [], {}

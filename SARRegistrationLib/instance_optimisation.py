@@ -218,7 +218,7 @@ def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tenso
     warped = _sample(images["floating"], moved)
     fixed = _sample(images["reference"], points)
     weights = None if "ignore" not in images else 1 - _sample(images["ignore"], points)
-    loss = 2.0 - losses.normalized_mutual_information(warped, fixed, bins=settings.bins, mask=weights,
+    loss = 2.0 - losses.normalised_mutual_information(warped, fixed, bins=settings.bins, mask=weights,
                                                    kernel=settings.nmi_kernel)
     if use_masks:
         loss = loss + settings.mask_weight * losses.log_dice_loss(

@@ -64,7 +64,7 @@ def _linear_joint_histogram(a: torch.Tensor, b: torch.Tensor, bins: int, weights
     return joint.view(batch, bins, bins)
 
 
-def normalized_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
+def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
                                   mask: torch.Tensor | None = None,
                                   sigma_ratio: float = 0.5, kernel: str = "gaussian") -> torch.Tensor:
     """Studholme's normalised mutual information ``(H(A) + H(B)) / H(A, B)``, in [1, 2].
@@ -204,7 +204,7 @@ def log_dice_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -torch.log(soft_dice(a, b) + EPS)
 
 
-def normalized_field_error(recovered: torch.Tensor, applied: torch.Tensor) -> torch.Tensor:
+def normalised_field_error(recovered: torch.Tensor, applied: torch.Tensor) -> torch.Tensor:
     """Mean squared error between displacement fields, normalised to [0, 1] (``NMSE`` of Eqn. 5).
 
     ``mse / (2 (mean(applied^2) + mean(recovered^2)) + eps)`` per sample: since

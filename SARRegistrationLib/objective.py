@@ -107,7 +107,7 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
         warped = torch.lerp(warped, target, ignore_mask)
     terms = {}
     if weights.nmi:  # NMI needs no shared contrast: it always compares with the reference
-        terms["nmi"] = 2.0 - losses.normalized_mutual_information(warped, reference)
+        terms["nmi"] = 2.0 - losses.normalised_mutual_information(warped, reference)
     if weights.ssim:
         terms["ssim"] = 1.0 - losses.ssim(warped, target)
     if weights.features and feature_extractor is not None:
@@ -126,7 +126,7 @@ def registration_terms(weights: LossWeights, reference, floating, forward_field,
                 segmentation = segmentation + losses.log_dice_loss(generated, manual)
         terms["segmentation"] = segmentation
     if weights.field and applied_field is not None:
-        terms["field"] = losses.normalized_field_error(forward_field, applied_field)
+        terms["field"] = losses.normalised_field_error(forward_field, applied_field)
     if weights.smoothness:
         terms["smoothness"] = losses.smoothness(forward_field)
     if weights.proximity and prior_field is not None:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .files import write_atomically
-from .imageio import normalize_intensity
+from .imageio import normalise_intensity
 from .metrics import jacobian_determinant
 
 _QUIVER_ARROWS_PER_AXIS = 16
@@ -128,7 +128,7 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
         folded_fraction = float(np.mean(determinant <= 0))
     # The in-plane components of an axial slice are those along axes 1 and 2 (y, x).
     in_plane = displacement[1:, shape[0] // 2] if len(shape) == 3 else displacement
-    reference_2d, floating_2d, warped_2d = (normalize_intensity(_middle_slice(image))
+    reference_2d, floating_2d, warped_2d = (normalise_intensity(_middle_slice(image))
                                             for image in (reference, floating, warped))
     masks_2d = {name: None if mask is None else _middle_slice(mask) for name, mask in masks.items()}
     has_masks = any(mask is not None for mask in masks_2d.values())

@@ -1,7 +1,7 @@
 """Registering one image pair: image -> working grid -> generator -> field -> warp -> metrics -> outputs.
 
 The network sees both images resampled onto a working grid that covers the reference's physical
-extent (:func:`imageio.working_grid`); its voxel field is turned into millimetres and resampled
+extent (:func:`grids.working_grid`); its voxel field is turned into millimetres and resampled
 onto the reference's own grid, and the floating image is warped there by SimpleITK with that very
 field. So ``warped`` is exactly what ``sitk.Resample(floating, reference, DisplacementFieldTransform
 (displacement))`` gives, as in ITK, Elastix and ANTs.
@@ -29,8 +29,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import imageio, metrics
-from .deformations import affine_align
+from . import grids, imageio, metrics
+from .affine import affine_align
 from .fields import displacement_in_voxels, displacement_to_sitk
 from .instance_optimisation import OptimisationSettings, optimise_residual
 from .devices import resolve_device
@@ -39,6 +39,7 @@ from .finetuning import (CancelCheck, FinetuneSettings, ProgressCallback, encode
                          tuned_items)
 from .model import SARModel, default_weights_path, load_model
 from .networks.generator import otsu_mask, soft_otsu_mask
+from .staging import staged_output_dir
 
 MODES = ("auto", "volume", "slicewise")
 # Voxels along the longest axis of instance optimisation's grid, by image dimension: its cost per
@@ -72,7 +73,7 @@ class RegistrationResult:
             ("warped.nrrd", self.warped), ("displacement.nrrd", self.displacement),
             ("reference_mask.nrrd", self.reference_mask), ("floating_mask.nrrd", self.floating_mask),
             ("warped_floating_mask.nrrd", self.warped_floating_mask)) if image is not None}
-        with imageio.staged_output_dir(output_dir) as staging:
+        with staged_output_dir(output_dir) as staging:
             for name, image in images.items():
                 sitk.WriteImage(image, str(staging / name), True)
             (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
@@ -91,7 +92,7 @@ class RegistrationResult:
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
         rows, reference_slab = _middle_rows(reference), _middle_slab(reference)
         arrays = {"reference": imageio.array_of(reference_slab),
-                  "floating": imageio.array_of(imageio.resample_to(floating, reference_slab)),
+                  "floating": imageio.array_of(grids.resample_to(floating, reference_slab)),
                   "warped": imageio.array_of(_middle_slab(self.warped)),
                   "displacement": displacement_in_voxels(self.displacement, rows),
                   "folded_fraction": self.metrics["folding_fraction"]}
@@ -186,12 +187,12 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         report(0.03, "affine pre-alignment")
         prealignment = affine_align(reference, floating)
     # The network's grid (slices run along SimpleITK's k axis, array axis 0, which keeps its voxel
-    # count) and instance optimisation's, which needs no multiple of 8.
-    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,) if slicewise else ()) \
-        if network else None
+    # count), in multiples of what the network needs, and instance optimisation's, which needs none.
+    grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple,
+                              keep_axes=(2,) if slicewise else ()) if network else None
     optimisation_grid = None if optimisation is None else \
-        imageio.working_grid(reference, OPTIMISATION_GRID_SIZE[ndims], multiple=1)
-    overlap = imageio.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
+        grids.working_grid(reference, OPTIMISATION_GRID_SIZE[ndims], multiple=1)
+    overlap = grids.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
     stage_seconds["preparation"] = time.perf_counter() - started
 
     iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
@@ -259,9 +260,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         cancel, lambda f: report(0.96 + 0.03 * f, "warping the floating image"))
     generated_reference = generated_floating = None
     if encoding is not None:
-        generated_reference = imageio.resample_to(_mask_image(otsu_mask(encoding.reference_map), grid, slicewise),
+        generated_reference = grids.resample_to(_mask_image(otsu_mask(encoding.reference_map), grid, slicewise),
                                                   reference, label=True)
-        generated_floating = imageio.resample_to(_mask_image(otsu_mask(encoding.floating_map), grid, slicewise),
+        generated_floating = grids.resample_to(_mask_image(otsu_mask(encoding.floating_map), grid, slicewise),
                                                  floating, label=True, transform=prealignment.GetInverse())
 
     folding, largest_displacement = _field_statistics(field_mm)
@@ -278,10 +279,10 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     qa_inputs = {"reference": reference, "floating": floating}
     warped_floating_mask = None
     if reference_mask is not None and floating_mask is not None:
-        warped_floating_mask = imageio.resample_to(floating_mask, reference, label=True, transform=transform)
+        warped_floating_mask = grids.resample_to(floating_mask, reference, label=True, transform=transform)
         masks = {name: imageio.array_of(image) for name, image in (
-            ("reference_mask", imageio.resample_to(reference_mask, reference, label=True)),
-            ("floating_mask", imageio.resample_to(floating_mask, reference, label=True)),
+            ("reference_mask", grids.resample_to(reference_mask, reference, label=True)),
+            ("floating_mask", grids.resample_to(floating_mask, reference, label=True)),
             ("warped_mask", warped_floating_mask))}
         qa_inputs["masks"] = masks
         spacing = reference.GetSpacing()[::-1]
@@ -343,7 +344,7 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
     if encoding is not None and settings.mask_weight > 0:
         for name, fused in (("reference_mask", encoding.reference_map), ("floating_mask", encoding.floating_map)):
             soft = _mask_image(soft_otsu_mask(fused), field_grid, encoding_slicewise, np.float32)
-            masks[name] = torch.from_numpy(imageio.array_of(imageio.resample_to(soft, grid)))[None, None].to(device)
+            masks[name] = torch.from_numpy(imageio.array_of(grids.resample_to(soft, grid)))[None, None].to(device)
     ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
     result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
@@ -390,9 +391,9 @@ def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, 
     Images are intensity-normalised; a 0/1 mask (``normalise=False``) becomes the fraction of each
     working voxel it covers, by linear resampling.
     """
-    array = imageio.array_of(imageio.resample_to(image, grid, transform=transform)).astype(np.float32)
+    array = imageio.array_of(grids.resample_to(image, grid, transform=transform)).astype(np.float32)
     if normalise:
-        array = imageio.normalize_intensity(array)
+        array = imageio.normalise_intensity(array)
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)

@@ -39,7 +39,6 @@ from .errors import TrainingCancelled, WeightsError
 from .finetuning import CancelCheck
 from .inflation import inflate_to_3d
 from .model import SARModel, model_from_state, read_checkpoint, save_model, sha256_of, write_model_card
-from .networks.generator import soft_otsu_mask
 from .objective import LossWeights, registration_terms, total_loss
 from .spatial import warp
 
@@ -180,13 +179,7 @@ class _GeneratorPass(nn.Module):
         self.generator = generator
 
     def forward(self, reference, floating, with_backward: bool = True):
-        generator = self.generator
-        reference_features, floating_features = generator.encode(reference, floating)
-        forward_field = generator.field(generator.penultimate(reference_features, floating_features))
-        backward_field = generator.field(generator.penultimate(floating_features, reference_features)) \
-            if with_backward else None
-        return (forward_field, backward_field, soft_otsu_mask(generator.fused_map(reference_features)),
-                soft_otsu_mask(generator.fused_map(floating_features)))
+        return self.generator.fields_and_masks(reference, floating, with_backward)
 
 
 class _Reconstruction(nn.Module):

@@ -45,11 +45,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SARRegistrationLib import imageio
+from SARRegistrationLib import grids
 from SARRegistrationLib.fields import displacement_to_sitk
 
 REPO = Path(__file__).resolve().parents[1]
 VOXELMORPH_FORMAT = "sar-benchmark-voxelmorph"
+# The shape_multiple of SAR's shipped generators: VoxelMorph registers on the grid they use.
+SAR_GRID_MULTIPLE = 8
 
 
 class NotRun(Exception):
@@ -579,9 +581,10 @@ def load_voxelmorph(path, device="cpu"):
 class VoxelMorphMethod(Method):
     """VoxelMorph trained by ``benchmarks/train_voxelmorph.py`` on SAR's training data and budget.
 
-    It registers on the grid SAR uses (``imageio.working_grid(reference, working_size)``, the same
-    intensity normalisation); its voxel field is turned into millimetres on that grid with
-    ``fields.displacement_to_sitk`` and resampled onto the reference grid, as ``register`` does.
+    It registers on the grid SAR's networks use (``grids.working_grid(reference, working_size,
+    SAR_GRID_MULTIPLE)``, the same intensity normalisation); its voxel field is turned into
+    millimetres on that grid with ``fields.displacement_to_sitk`` and resampled onto the reference
+    grid, as ``register`` does.
     ``mode="slicewise"`` runs 2D weights on a 3D volume as ``register`` does for SAR: the slices
     along the k axis are one batch and nothing moves across slices.
     """
@@ -613,8 +616,8 @@ class VoxelMorphMethod(Method):
 
         slicewise = self.mode == "slicewise" and pair.reference.GetDimension() == 3
         started = time.perf_counter()
-        grid = imageio.working_grid(pair.reference, int(self.config["working_size"]),
-                                    keep_axes=(2,) if slicewise else ())
+        grid = grids.working_grid(pair.reference, int(self.config["working_size"]), SAR_GRID_MULTIPLE,
+                                  keep_axes=(2,) if slicewise else ())
         reference = network_input(pair.reference, grid, slicewise, self.device)
         floating = network_input(pair.floating, grid, slicewise, self.device)
         with torch.no_grad():

@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib and be
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from SARRegistrationLib import imageio, metrics  # noqa: E402
+from SARRegistrationLib import grids, imageio, metrics  # noqa: E402
 from SARRegistrationLib.deformations import known_deformation  # noqa: E402
 from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 
@@ -182,8 +182,8 @@ def measure(method: baselines.Method, pair: Pair) -> dict:
     """
     output = method.run(pair)
     transform = sitk.DisplacementFieldTransform(sitk.Image(output.displacement))  # the transform takes the buffer
-    warped_mask = imageio.resample_to(pair.floating_mask, pair.reference, label=True, transform=transform)
-    reference_mask = imageio.array_of(imageio.resample_to(pair.reference_mask, pair.reference, label=True))
+    warped_mask = grids.resample_to(pair.floating_mask, pair.reference, label=True, transform=transform)
+    reference_mask = imageio.array_of(grids.resample_to(pair.reference_mask, pair.reference, label=True))
     warped = imageio.array_of(warped_mask)
     overlap = metrics.overlap_metrics(reference_mask, warped, pair.reference.GetSpacing()[::-1])
     folded = metrics.folding_fraction(transform_to_displacement(transform, pair.reference))

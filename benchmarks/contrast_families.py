@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SARRegistrationLib.deformations import smooth_noise
-from SARRegistrationLib.imageio import array_of, image_like, normalize_intensity
+from SARRegistrationLib.imageio import array_of, image_like, normalise_intensity
 
 # Target level ranges in [0, 1] per class (background, CSF, grey matter, white matter, fat), one
 # value drawn uniformly per class and pair: the T2-like order CSF > GM > WM, fat between.
@@ -46,4 +46,4 @@ def t2_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
     coarse_shape = tuple(min(4, n) for n in values.shape)
     bias = np.exp(rng.uniform(0, MAX_BIAS) * smooth_noise(values.shape, rng, coarse_shape))
     noisy = remapped * bias + rng.normal(0, rng.uniform(0.01, MAX_NOISE_SD), size=values.shape)
-    return image_like(normalize_intensity(noisy).astype(np.float32), image)
+    return image_like(normalise_intensity(noisy).astype(np.float32), image)

@@ -24,7 +24,7 @@ Brain check (never used to choose anything): the 2D groups of ``brain_benchmark.
 ventricles per pair. ``2D T1->PD`` with seed 0 gives the pairs of the README's brain table.
 
 ``register`` takes no finetuning settings, so this script swaps ``registration.FinetuneSettings``
-(and, for the NMI-bins rows, the bins of ``losses.normalized_mutual_information``) for the run of
+(and, for the NMI-bins rows, the bins of ``losses.normalised_mutual_information``) for the run of
 one variant. Writes the markdown report to ``--output`` and prints it.
 """
 
@@ -52,11 +52,11 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from SARRegistrationLib import imageio, losses, registration  # noqa: E402
-from SARRegistrationLib.deformations import (random_bspline_transform, synthetic_image,  # noqa: E402
-                                             synthetic_label_map, synthetic_sample)
+from SARRegistrationLib.deformations import random_bspline_transform  # noqa: E402
 from SARRegistrationLib.evaluation import evaluate_known_deformations  # noqa: E402
 from SARRegistrationLib.finetuning import FinetuneSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
+from SARRegistrationLib.synthetic import synthetic_image, synthetic_label_map, synthetic_sample  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
 from benchmarks.brain_benchmark import GROUPS, group_pairs, measure  # noqa: E402
@@ -142,8 +142,8 @@ def finetuning_with(changes: dict, record: list | None = None):
         stack.enter_context(mock.patch.object(registration, "FinetuneSettings", settings_factory))
         stack.enter_context(mock.patch.object(registration, "finetune_last_layer", recorded))
         if bins is not None:
-            nmi = functools.partial(losses.normalized_mutual_information, bins=bins)
-            stack.enter_context(mock.patch.object(losses, "normalized_mutual_information", nmi))
+            nmi = functools.partial(losses.normalised_mutual_information, bins=bins)
+            stack.enter_context(mock.patch.object(losses, "normalised_mutual_information", nmi))
         yield
 
 

@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib and be
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from SARRegistrationLib import imageio  # noqa: E402
+from SARRegistrationLib import grids  # noqa: E402
 from SARRegistrationLib.deformations import foreground_mask, known_deformation  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
@@ -65,7 +65,7 @@ ELASTIX = "Elastix B-spline (MI), same pair"
 def resized(name: str, size: int) -> sitk.Image:
     """A bundled image resampled to ``size`` voxels per axis over its own physical extent."""
     image = sitk.Cast(sitk.ReadImage(str(DATA_DIR / name)), sitk.sitkFloat32)
-    return imageio.resample_to(image, imageio.grid_with_shape(image, [size] * image.GetDimension()))
+    return grids.resample_to(image, grids.grid_with_shape(image, [size] * image.GetDimension()))
 
 
 def speed_pair(ndims: int, size: int, seed: int = 0, max_displacement_mm: float = 6.0):

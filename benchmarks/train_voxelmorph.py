@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from SARRegistrationLib import cli  # noqa: E402
 from SARRegistrationLib.devices import resolve_device  # noqa: E402
-from SARRegistrationLib.losses import normalized_mutual_information  # noqa: E402
+from SARRegistrationLib.losses import normalised_mutual_information  # noqa: E402
 from SARRegistrationLib.training import _batch  # noqa: E402
 
 from benchmarks.baselines import (build_voxelmorph, display_path, pad_multiple, require,  # noqa: E402
@@ -105,7 +105,7 @@ def batch_for_step(dataset, step: int, batch_size: int, seed: int) -> dict:
 
 def similarity_loss(name: str):
     if name == "nmi":
-        return lambda warped, reference: 2.0 - normalized_mutual_information(warped.clamp(0, 1), reference)
+        return lambda warped, reference: 2.0 - normalised_mutual_information(warped.clamp(0, 1), reference)
     neurite = require("neurite", "voxelmorph")  # neurite comes with voxelmorph
     ncc = neurite.nn.modules.NCC(window_size=9)
     # float64: neurite asserts every local coefficient lies in [0, 1], which float32 cancellation

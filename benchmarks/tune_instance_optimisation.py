@@ -6,7 +6,7 @@
 Pairs (known deformations): in 2D the rat lung MR slices and the abdominal MR slice of
 ``Testing/Data``, each registered to random deformations of itself, once in the same contrast and
 once with a random contrast remapping (``deformations.augment_intensity``); in 3D synthetic
-label-map volumes (``deformations.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the mask of one
+label-map volumes (``synthetic.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the mask of one
 or two labels. The deformation families are the brain benchmark's (``benchmarks/
 deformation_families.py``): the engine's 6 mm B-spline, a large deformation (rotation, shift and a
 20 mm B-spline) and the exponential of a random velocity field. Each variant is a set of :class:`OptimisationSettings` fields (and
@@ -31,11 +31,11 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from SARRegistrationLib import imageio, metrics, register  # noqa: E402
-from SARRegistrationLib.deformations import (augment_intensity, foreground_mask, random_bspline_transform,  # noqa: E402
-                                             synthetic_sample)
+from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
+from SARRegistrationLib.deformations import augment_intensity, foreground_mask, random_bspline_transform  # noqa: E402
 from SARRegistrationLib.instance_optimisation import OptimisationSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
+from SARRegistrationLib.synthetic import synthetic_sample  # noqa: E402
 
 from benchmarks.deformation_families import large_deformation_transform, move, velocity_field_transform  # noqa: E402
 
@@ -87,7 +87,7 @@ def known_pairs(images, family: str, contrast_change: bool, count: int, seed: in
             transform = FAMILIES[family](image, rng)
             reference, reference_mask = move(image, mask, transform)
             if contrast_change:
-                remapped = augment_intensity(imageio.normalize_intensity(imageio.array_of(reference)), rng, 1.0)
+                remapped = augment_intensity(imageio.normalise_intensity(imageio.array_of(reference)), rng, 1.0)
                 reference = imageio.image_like(remapped.astype(np.float32), reference)
             applied = imageio.array_of(sitk.TransformToDisplacementField(
                 transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(),
@@ -105,7 +105,7 @@ def score(pairs: list[dict], options: dict, model, masks: bool) -> dict:
                           device="cpu", **options)
         errors.append(np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1).mean())
         if masks:
-            warped = imageio.resample_to(pair["floating_mask"], pair["reference"], label=True,
+            warped = grids.resample_to(pair["floating_mask"], pair["reference"], label=True,
                                          transform=result.transform())
             dice.append(metrics.dice(imageio.array_of(pair["reference_mask"]), imageio.array_of(warped)))
         folded.append(100 * result.metrics["folding_fraction"])

@@ -14,11 +14,17 @@ def batch_norm(ndims: int, channels: int) -> nn.Module:
     return getattr(nn, f"BatchNorm{ndims}d")(channels)
 
 
-class ConvBlock(nn.Sequential):
-    """Convolution, batch norm, ReLU; ``stride=2`` halves the grid."""
+def instance_norm(ndims: int, channels: int) -> nn.Module:
+    """Instance norm with a learnt scale and shift: training and evaluation behave the same, batches
+    of one work, and the features ignore global intensity scaling, which suits images of any modality."""
+    return getattr(nn, f"InstanceNorm{ndims}d")(channels, affine=True)
 
-    def __init__(self, ndims: int, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__(conv(ndims, in_channels, out_channels, 3, stride), batch_norm(ndims, out_channels),
+
+class ConvBlock(nn.Sequential):
+    """3-wide convolution, normalisation (``norm``, batch norm by default), ReLU; ``stride=2`` halves the grid."""
+
+    def __init__(self, ndims: int, in_channels: int, out_channels: int, stride: int = 1, norm=batch_norm):
+        super().__init__(conv(ndims, in_channels, out_channels, 3, stride), norm(ndims, out_channels),
                          nn.ReLU(inplace=True))
 
 

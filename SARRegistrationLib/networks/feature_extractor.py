@@ -20,26 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import ConvBlock, instance_norm
+
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
-
-
-def _conv_block(ndims: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    """3-wide convolution, instance norm and ReLU.
-
-    Instance norm rather than batch norm: training and evaluation behave the same, batches of one
-    work, and the features ignore global intensity scaling, which suits images of any modality.
-    """
-    conv = getattr(nn, f"Conv{ndims}d")
-    norm = getattr(nn, f"InstanceNorm{ndims}d")
-    return nn.Sequential(conv(in_channels, out_channels, 3, stride=stride, padding=1),
-                         norm(out_channels, affine=True), nn.ReLU())
 
 
 class FeatureExtractor(nn.Module):
     """Small multi-scale convolutional encoder with a light decoder for autoencoder training.
 
     Scale ``s`` has two conv blocks with ``channels[s]`` filters; every scale after the first starts
-    with a stride-2 convolution, so a side of ``n`` voxels becomes ``ceil(n / 2**s)``.
+    with a stride-2 convolution, so a side of ``n`` voxels becomes ``ceil(n / 2**s)``. The blocks use
+    instance norm rather than batch norm (see :func:`blocks.instance_norm`).
 
     Args:
         ndims: 2 or 3 spatial dimensions.
@@ -54,12 +45,12 @@ class FeatureExtractor(nn.Module):
         self.channels = tuple(channels)
         inputs = (1,) + self.channels[:-1]
         self.encoder = nn.ModuleList(
-            nn.Sequential(_conv_block(ndims, n_in, n_out, stride=1 if scale == 0 else 2),
-                          _conv_block(ndims, n_out, n_out))
+            nn.Sequential(ConvBlock(ndims, n_in, n_out, stride=1 if scale == 0 else 2, norm=instance_norm),
+                          ConvBlock(ndims, n_out, n_out, norm=instance_norm))
             for scale, (n_in, n_out) in enumerate(zip(inputs, self.channels)))
         # The decoder sees only the coarsest map (no skip connections): reconstruction must then go
         # through every scale, so every scale has to learn informative features.
-        self.decoder = nn.ModuleList(_conv_block(ndims, n_in, n_out)
+        self.decoder = nn.ModuleList(ConvBlock(ndims, n_in, n_out, norm=instance_norm)
                                      for n_in, n_out in zip(self.channels[:0:-1], self.channels[-2::-1]))
         self.output = getattr(nn, f"Conv{ndims}d")(self.channels[0], 1, 1)
 

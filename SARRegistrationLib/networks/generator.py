@@ -10,8 +10,12 @@ normalised to [0, 1], the maps are fused with learnt, positive weights, and the 
 thresholded with Otsu's method (a sigmoid around the Otsu threshold while training, so that the
 mask terms of the loss reach the encoder).
 
-Per-pair finetuning (paper §2.3) changes only ``flow_head``; :meth:`SARGenerator.penultimate`
-gives everything before it so that it can be computed once per pair.
+One public path runs through the network: :meth:`SARGenerator.check_input`, :meth:`~SARGenerator.encode`,
+:meth:`~SARGenerator.penultimate`, :meth:`~SARGenerator.field` and :meth:`~SARGenerator.fused_map`.
+:meth:`~SARGenerator.fields_and_masks` composes them for :meth:`~SARGenerator.forward` and the
+training step; :func:`finetuning.encode_pair` composes them chunk by chunk. Per-pair finetuning
+(paper §2.3) changes only ``flow_head``; ``penultimate`` gives everything before it so that it can
+be computed once per pair.
 """
 
 from __future__ import annotations
@@ -144,6 +148,14 @@ class SARGenerator(nn.Module):
     def shape_multiple(self) -> int:
         return 2 ** (len(self.channels) - 1)
 
+    def check_input(self, reference: torch.Tensor, floating: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless both are ``(B, 1, *spatial)`` of one shape, a multiple of :attr:`shape_multiple`."""
+        if reference.dim() != self.ndims + 2 or reference.shape != floating.shape:
+            raise ValueError(f"this {self.ndims}D generator needs two (B, 1, *spatial) tensors of one shape, "
+                             f"got {tuple(reference.shape)} and {tuple(floating.shape)}")
+        if any(n % self.shape_multiple for n in reference.shape[2:]):
+            raise ValueError(f"spatial shape {tuple(reference.shape[2:])} is not a multiple of {self.shape_multiple}")
+
     def encode(self, reference: torch.Tensor, floating: torch.Tensor):
         """Encoder features of both images, computed as one batch so batch norm sees both."""
         features = self.encoder(torch.cat([reference, floating], dim=0))
@@ -163,23 +175,26 @@ class SARGenerator(nn.Module):
         output = (head or self.flow_head)(penultimate)
         return integrate_velocity(output, self.integration_steps) if self.diffeomorphic else output
 
+    def fields_and_masks(self, reference: torch.Tensor, floating: torch.Tensor, with_backward: bool = False):
+        """``(forward field, backward field or None, reference mask, floating mask)`` of a pair.
+
+        The forward field registers ``floating`` to ``reference``; the backward one, only
+        ``with_backward``, the other way. The masks are soft (:func:`soft_otsu_mask`), so that
+        mask terms of a loss reach the encoder. The input is not checked (see :meth:`check_input`).
+        """
+        reference_features, floating_features = self.encode(reference, floating)
+        forward_field = self.field(self.penultimate(reference_features, floating_features))
+        backward_field = self.field(self.penultimate(floating_features, reference_features)) \
+            if with_backward else None
+        return (forward_field, backward_field, soft_otsu_mask(self.fused_map(reference_features)),
+                soft_otsu_mask(self.fused_map(floating_features)))
+
     def forward(self, reference: torch.Tensor, floating: torch.Tensor) -> GeneratorOutput:
         """Register ``floating`` to ``reference``; both ``(B, 1, *spatial)`` with intensities in [0, 1]."""
-        self._check_input(reference, floating)
-        reference_features, floating_features = self.encode(reference, floating)
-        displacement = self.field(self.penultimate(reference_features, floating_features))
-        return GeneratorOutput(
-            displacement=displacement,
-            warped=warp(floating, displacement),
-            reference_mask=soft_otsu_mask(self.fused_map(reference_features)),
-            floating_mask=soft_otsu_mask(self.fused_map(floating_features)))
-
-    def _check_input(self, reference: torch.Tensor, floating: torch.Tensor) -> None:
-        if reference.dim() != self.ndims + 2 or reference.shape != floating.shape:
-            raise ValueError(f"this {self.ndims}D generator needs two (B, 1, *spatial) tensors of one shape, "
-                             f"got {tuple(reference.shape)} and {tuple(floating.shape)}")
-        if any(n % self.shape_multiple for n in reference.shape[2:]):
-            raise ValueError(f"spatial shape {tuple(reference.shape[2:])} is not a multiple of {self.shape_multiple}")
+        self.check_input(reference, floating)
+        displacement, _, reference_mask, floating_mask = self.fields_and_masks(reference, floating)
+        return GeneratorOutput(displacement=displacement, warped=warp(floating, displacement),
+                               reference_mask=reference_mask, floating_mask=floating_mask)
 
 
 def otsu_thresholds(maps: torch.Tensor) -> torch.Tensor:

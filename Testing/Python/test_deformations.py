@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 from skimage.metrics import normalized_mutual_information
 
-from SARRegistrationLib import deformations, fields, spatial
+from SARRegistrationLib import affine, deformations, fields, spatial, synthetic
 
 
 def _torch_warp(array: np.ndarray, displacement: np.ndarray, mode: str = "bilinear") -> np.ndarray:
@@ -216,7 +216,7 @@ def test_affine_align_recovers_a_known_affine(read_test_image):
     moving = sitk.Resample(fixed, truth, sitk.sitkLinear, 0.0)  # moving(x) = fixed(truth(x))
     # Aligning moving to fixed needs moving(T(x)) = fixed(x), i.e. T = truth⁻¹.
     expected = fields.transform_to_displacement(truth.GetInverse(), fixed)
-    found = deformations.affine_align(fixed, moving)
+    found = affine.affine_align(fixed, moving)
     centre = (slice(None), slice(16, -16), slice(16, -16))
     initial = np.linalg.norm(expected[centre], axis=0).mean()
     residual = np.linalg.norm(fields.transform_to_displacement(found, fixed)[centre] - expected[centre],
@@ -224,7 +224,7 @@ def test_affine_align_recovers_a_known_affine(read_test_image):
     assert initial > 2.0
     assert residual < 0.15 * initial
     # Deterministic up to the rounding of multi-threaded sums.
-    again = deformations.affine_align(fixed, moving)
+    again = affine.affine_align(fixed, moving)
     np.testing.assert_allclose(fields.transform_to_displacement(again, fixed),
                                fields.transform_to_displacement(found, fixed), atol=1e-9)
 
@@ -236,7 +236,7 @@ def test_affine_align_recovers_a_known_affine(read_test_image):
 @pytest.mark.parametrize("num_labels", [5, 8])
 def test_synthetic_label_map_has_every_label(shape, num_labels):
     for seed in range(3):
-        labels = deformations.synthetic_label_map(shape, np.random.default_rng(seed), num_labels=num_labels)
+        labels = synthetic.synthetic_label_map(shape, np.random.default_rng(seed), num_labels=num_labels)
         assert labels.shape == shape
         assert set(np.unique(labels)) == set(range(num_labels))
         # Smooth noise gives blobs, not salt and pepper: most voxels share the label of their neighbour.
@@ -244,8 +244,8 @@ def test_synthetic_label_map_has_every_label(shape, num_labels):
 
 
 def test_synthetic_image_follows_labels():
-    labels = deformations.synthetic_label_map((64, 64), np.random.default_rng(0))
-    image = deformations.synthetic_image(labels, np.random.default_rng(1))
+    labels = synthetic.synthetic_label_map((64, 64), np.random.default_rng(0))
+    image = synthetic.synthetic_image(labels, np.random.default_rng(1))
     assert image.shape == labels.shape and image.dtype == np.float32
     assert image.min() >= 0.0 and image.max() <= 1.0
     label_means = ndimage.mean(image, labels, index=np.arange(labels.max() + 1))
@@ -256,13 +256,13 @@ def test_synthetic_image_follows_labels():
 
 @pytest.mark.parametrize("shape,spacing", [((40, 48), (0.5, 2.0)), ((16, 24, 20), None)])
 def test_synthetic_sample(shape, spacing):
-    image, mask = deformations.synthetic_sample(shape, np.random.default_rng(9), spacing=spacing)
+    image, mask = synthetic.synthetic_sample(shape, np.random.default_rng(9), spacing=spacing)
     assert sitk.GetArrayViewFromImage(image).shape == shape
     assert image.GetSpacing() == (spacing or (1.0,) * len(shape))
     assert mask.GetSpacing() == image.GetSpacing()
     structure = sitk.GetArrayFromImage(mask)
     assert set(np.unique(structure)) == {0, 1}
-    again_image, again_mask = deformations.synthetic_sample(shape, np.random.default_rng(9), spacing=spacing)
+    again_image, again_mask = synthetic.synthetic_sample(shape, np.random.default_rng(9), spacing=spacing)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again_image), sitk.GetArrayViewFromImage(image))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again_mask), structure)
     pair = deformations.make_training_pair(image, mask, np.random.default_rng(0), max_displacement_mm=4.0)

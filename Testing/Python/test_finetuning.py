@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import one_torch_thread, tiny_model  # noqa: F401  (autouse fixture)
-from SARRegistrationLib import imageio
+from SARRegistrationLib import grids, imageio
 from SARRegistrationLib.errors import RegistrationCancelled
 from SARRegistrationLib.finetuning import FinetuneSettings, encode_pair, finetune_last_layer
 from SARRegistrationLib.model import load_model, save_model
@@ -15,10 +15,10 @@ from SARRegistrationLib.model import load_model, save_model
 def real_pair(read_test_image):
     """BrainWeb PD reference and deformed T1 floating image on a 64 x 64 grid, in [0, 1]."""
     reference, floating = read_test_image("brain_pd.nrrd"), read_test_image("sample_floating_t1.nrrd")
-    grid = imageio.grid_with_shape(reference, (64, 64))
+    grid = grids.grid_with_shape(reference, (64, 64))
 
     def tensor(image):
-        array = imageio.normalize_intensity(imageio.array_of(imageio.resample_to(image, grid)))
+        array = imageio.normalise_intensity(imageio.array_of(grids.resample_to(image, grid)))
         return torch.from_numpy(array)[None, None]
 
     return tensor(reference), tensor(floating)

@@ -17,7 +17,7 @@ import torch
 
 from helpers import (RunsCodeOnLoad, index_to_physical, one_torch_thread, perturb_head, rotation_3d,  # noqa: F401
                      small_float, small_pair_2d, tiny_model, with_geometry)
-from SARRegistrationLib import cli, imageio, register
+from SARRegistrationLib import cli, grids, register
 from SARRegistrationLib.model import CHECKPOINT_FORMAT, save_model
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -302,7 +302,7 @@ def test_anisotropic_and_oblique_volumes_get_the_physical_field(good, spacing, d
     model = perturb_head(tiny_model(3), bias=bias)
     result = register(volume, floating, model, mode="volume", device="cpu", finetune=False, instance_optimisation=False)
 
-    grid = imageio.working_grid(volume, model.working_size)
+    grid = grids.working_grid(volume, model.working_size, model.generator.shape_multiple)
     expected_mm = index_to_physical(grid) @ bias[::-1]
     field = sitk.GetArrayFromImage(result.displacement)
     np.testing.assert_allclose(field, np.broadcast_to(expected_mm, field.shape), atol=1e-6)

@@ -39,10 +39,10 @@ def test_nmi_matches_skimage_on_multimodal_brain(pd_t1, bins):
     # The Parzen kernel (sigma = 1/2 bin) spreads each voxel over about three bins, which raises
     # the joint entropy more than the marginal ones: the soft NMI lies below the hard one, by
     # 0.062 / 0.018 / 0.007 at 16 / 32 / 64 bins here. The bounds allow that bias and no more.
-    soft = losses.normalized_mutual_information(_tensor(pd), _tensor(t1), bins=bins).item()
+    soft = losses.normalised_mutual_information(_tensor(pd), _tensor(t1), bins=bins).item()
     assert expected - 0.08 < soft < expected + 0.005
     # A narrow kernel must converge to the hard histogram (measured error 0.006 / 0.0015 / 0.0018).
-    narrow = losses.normalized_mutual_information(_tensor(pd), _tensor(t1), bins=bins, sigma_ratio=0.25).item()
+    narrow = losses.normalised_mutual_information(_tensor(pd), _tensor(t1), bins=bins, sigma_ratio=0.25).item()
     assert narrow == pytest.approx(expected, abs=0.01)
 
 
@@ -50,16 +50,16 @@ def test_nmi_matches_skimage_in_3d(volume):
     noisy = np.clip(volume + np.random.default_rng(0).normal(0, 0.05, volume.shape), 0, 1)
     noisy = (noisy - noisy.min()) / (noisy.max() - noisy.min())  # skimage bins on each image's own range
     expected = skimage_nmi(volume, noisy, bins=32)
-    soft = losses.normalized_mutual_information(_tensor(volume), _tensor(noisy), bins=32, sigma_ratio=0.25).item()
+    soft = losses.normalised_mutual_information(_tensor(volume), _tensor(noisy), bins=32, sigma_ratio=0.25).item()
     assert soft == pytest.approx(expected, abs=0.01)
 
 
 def test_nmi_orders_identical_related_and_shuffled_images(pd_t1):
     pd, t1 = pd_t1
     shuffled = np.random.default_rng(0).permutation(pd.ravel()).reshape(pd.shape)
-    same = losses.normalized_mutual_information(_tensor(pd), _tensor(pd)).item()
-    related = losses.normalized_mutual_information(_tensor(pd), _tensor(t1)).item()
-    unrelated = losses.normalized_mutual_information(_tensor(pd), _tensor(shuffled)).item()
+    same = losses.normalised_mutual_information(_tensor(pd), _tensor(pd)).item()
+    related = losses.normalised_mutual_information(_tensor(pd), _tensor(t1)).item()
+    unrelated = losses.normalised_mutual_information(_tensor(pd), _tensor(shuffled)).item()
     assert 2.0 >= same > related > unrelated >= 1.0
     assert unrelated == pytest.approx(1.0, abs=0.01)
 
@@ -69,9 +69,9 @@ def test_nmi_mask_selects_voxels(pd_t1):
     mask = np.zeros_like(pd)
     inside = np.s_[60:160, 40:140]  # the brain without the background around it
     mask[inside] = 1
-    masked = losses.normalized_mutual_information(_tensor(pd), _tensor(t1), mask=_tensor(mask)).item()
-    cropped = losses.normalized_mutual_information(_tensor(pd[inside]), _tensor(t1[inside])).item()
-    everything = losses.normalized_mutual_information(_tensor(pd), _tensor(t1)).item()
+    masked = losses.normalised_mutual_information(_tensor(pd), _tensor(t1), mask=_tensor(mask)).item()
+    cropped = losses.normalised_mutual_information(_tensor(pd[inside]), _tensor(t1[inside])).item()
+    everything = losses.normalised_mutual_information(_tensor(pd), _tensor(t1)).item()
     assert masked == pytest.approx(cropped, abs=1e-5)
     assert abs(masked - everything) > 0.01
 
@@ -129,17 +129,17 @@ def test_log_dice_loss():
 
 # --- deformation fields -----------------------------------------------------------------------
 
-def test_normalized_field_error_range():
+def test_normalised_field_error_range():
     torch.manual_seed(0)
     applied = torch.randn(2, 3, 8, 9, 10)
     recovered = torch.randn(2, 3, 8, 9, 10)
-    assert losses.normalized_field_error(applied, applied).item() == pytest.approx(0.0, abs=1e-7)
-    assert losses.normalized_field_error(-applied, applied).item() == pytest.approx(1.0, abs=1e-6)
-    assert losses.normalized_field_error(recovered, applied).item() == pytest.approx(0.5, abs=0.05)
+    assert losses.normalised_field_error(applied, applied).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.normalised_field_error(-applied, applied).item() == pytest.approx(1.0, abs=1e-6)
+    assert losses.normalised_field_error(recovered, applied).item() == pytest.approx(0.5, abs=0.05)
     for scale in (1e-3, 1.0, 1e3):
-        value = losses.normalized_field_error(scale * recovered[:, :2, 0], torch.zeros(2, 2, 9, 10)).item()
+        value = losses.normalised_field_error(scale * recovered[:, :2, 0], torch.zeros(2, 2, 9, 10)).item()
         assert 0.0 <= value <= 1.0
-    assert losses.normalized_field_error(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4)).item() == 0.0
+    assert losses.normalised_field_error(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4)).item() == 0.0
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 16, 20), (1, 3, 8, 10, 12)])
@@ -188,14 +188,14 @@ def _extractor(ndims):
 
 
 _LOSSES = {
-    "nmi": lambda nd: (lambda x, y: losses.normalized_mutual_information(x, y), _SHAPES[nd]),
-    "nmi_masked": lambda nd: (lambda x, y: losses.normalized_mutual_information(x, y, mask=(y > 0.3).float()),
+    "nmi": lambda nd: (lambda x, y: losses.normalised_mutual_information(x, y), _SHAPES[nd]),
+    "nmi_masked": lambda nd: (lambda x, y: losses.normalised_mutual_information(x, y, mask=(y > 0.3).float()),
                               _SHAPES[nd]),
     "ssim": lambda nd: (lambda x, y: losses.ssim(x, y), _SHAPES[nd]),
     "feature_distance": lambda nd: (lambda x, y, e=_extractor(nd): losses.feature_distance(x, y, e), _SHAPES[nd]),
     "soft_dice": lambda nd: (losses.soft_dice, _SHAPES[nd]),
     "log_dice": lambda nd: (losses.log_dice_loss, _SHAPES[nd]),
-    "field_error": lambda nd: (losses.normalized_field_error, _FIELD_SHAPES[nd]),
+    "field_error": lambda nd: (losses.normalised_field_error, _FIELD_SHAPES[nd]),
     "cycle": lambda nd: (lambda u, v: losses.cycle_consistency(2 * u, -3 * v), _FIELD_SHAPES[nd]),
     "smoothness": lambda nd: (lambda u, v: losses.smoothness(u), _FIELD_SHAPES[nd]),
     "discriminator": lambda nd: (losses.discriminator_loss, _SHAPES[nd]),

@@ -9,7 +9,7 @@ import torch
 
 from helpers import (index_to_physical, one_torch_thread, perturb_head, rotation_2d,  # noqa: F401
                      small_float, small_label, small_pair_2d, tiny_model, with_geometry)
-from SARRegistrationLib import imageio
+from SARRegistrationLib import grids
 from SARRegistrationLib.errors import (DeviceError, InputImageError, RegistrationCancelled, SARError,
                                        SettingsError, WeightsError)
 from SARRegistrationLib.model import save_model
@@ -134,7 +134,7 @@ def test_constant_network_field_is_the_expected_physical_translation_2d(pair_2d)
     perturb_head(model, bias=bias, weight_std=0.0)
     result = register(reference, floating, model, device="cpu", finetune=False, instance_optimisation=False)
 
-    grid = imageio.working_grid(reference, model.working_size)
+    grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple)
     expected_mm = index_to_physical(grid) @ bias[::-1]  # index order x, y
     field = _field_mm(result)
     np.testing.assert_allclose(field, np.broadcast_to(expected_mm, field.shape), atol=1e-6)
@@ -159,7 +159,7 @@ def test_volume_mode_with_a_3d_model(volume):
     assert result.displacement.GetNumberOfComponentsPerPixel() == 3
     assert result.displacement.GetPixelID() == sitk.sitkVectorFloat64
     assert result.metrics["mode"] == "volume"
-    grid = imageio.working_grid(reference, model.working_size)
+    grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple)
     assert grid.GetSize() == (32, 32, 16)
     expected_mm = index_to_physical(grid) @ bias[::-1]
     field = _field_mm(result)
@@ -218,7 +218,7 @@ def test_slicewise_identity_direction_has_zero_z_component(volume):
 
     field = _field_mm(result)
     assert np.abs(field[..., 2]).max() == 0.0
-    grid = imageio.working_grid(reference, model.working_size, keep_axes=(2,))
+    grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple, keep_axes=(2,))
     assert grid.GetSize() == (32, 32, 15)
     np.testing.assert_allclose(field[..., 0], bias[1] * grid.GetSpacing()[0], atol=1e-6)
     np.testing.assert_allclose(field[..., 1], bias[0] * grid.GetSpacing()[1], atol=1e-6)

@@ -16,6 +16,7 @@ import collections
 import importlib
 import os
 import re
+import subprocess
 import sys
 import types
 import typing
@@ -1366,8 +1367,8 @@ def test_the_modules_own_slicer_test_runs_on_the_sample_pair(module, scene, monk
 
 def test_sample_data_module_offers_the_command_lines_sample_pair(module, scene, monkeypatch):
     """Registered with the Sample Data module at start-up without reading the engine; clicking it
-    loads the four files of ``cli.SAMPLE``, the list ``register --sample`` uses."""
-    from SARRegistrationLib.cli import SAMPLE
+    loads the four files of ``sample.SAMPLE``, the list ``register --sample`` uses."""
+    from SARRegistrationLib.sample import SAMPLE
 
     registered, loaded = [], []
     sample_data = types.ModuleType("SampleData")
@@ -1385,6 +1386,14 @@ def test_sample_data_module_offers_the_command_lines_sample_pair(module, scene, 
     assert [(path, kind) for path, kind, _ in loaded] == [
         (str(SAMPLE["reference"]), "volume"), (str(SAMPLE["floating"]), "volume"),
         (str(SAMPLE["reference_mask"]), "labels"), (str(SAMPLE["floating_mask"]), "labels")]
+
+
+def test_the_sample_list_imports_no_pytorch():
+    """Loading the sample pair runs on Slicer's main thread: its list comes without PyTorch (or SimpleITK)."""
+    check = "import sys, SARRegistrationLib.sample; print(sorted({'torch', 'SimpleITK'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=MODULE_DIR.parent, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_engine_is_found_from_the_source_tree(module, monkeypatch):
