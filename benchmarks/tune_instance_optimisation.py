@@ -44,9 +44,10 @@ IMAGES_2D = [DATA / name for name in ("rat_lung_1.nrrd", "rat_lung_2.nrrd", "fat
 DEFAULT_VARIANTS = ["defaults:", "network first:network=1,finetune=0", "network + finetuning first:network=1",
                     "network alone:network=1,finetune=0,io=0", "network + finetuning alone:network=1,io=0",
                     "mask term 0.2 (network + finetuning first):network=1,mask_weight=0.2",
-                    "iterations 20:iterations=20", "iterations 60:iterations=60", "levels 2:levels=2",
-                    "levels 4:levels=4", "samples 8192:samples=8192", "smoothness 0.5:smoothness=0.5",
-                    "smoothness 2:smoothness=2", "learning rate 0.1:learning_rate=0.1",
+                    "iterations 20:iterations=20", "iterations 40:iterations=40", "iterations 80:iterations=80",
+                    "levels 2:levels=2", "levels 4:levels=4", "samples 8192:samples=8192",
+                    "samples 32768:samples=32768", "smoothness 0.25:smoothness=0.25", "smoothness 1:smoothness=1",
+                    "learning rate 0.2 mm:learning_rate=0.2", "learning rate 1 mm:learning_rate=1",
                     "control spacing 6:control_spacing=6", "control spacing 12:control_spacing=12",
                     "Gaussian NMI window:nmi_kernel=gaussian"]
 STAGE_OPTIONS = {"network", "finetune", "io"}
@@ -64,7 +65,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if key in STAGE_OPTIONS:
             options[key] = bool(int(value))
         elif key in known:
-            kind = {"float": float, "int": int, "str": str}[getattr(known[key], "__name__", known[key])]
+            type_name = str(getattr(known[key], "__name__", known[key])).removesuffix(" | None")
+            kind = {"float": float, "int": int, "str": str}[type_name]
             settings[key] = kind(value)
         else:
             raise SystemExit(f"unknown setting {key!r} in variant {text!r}")
