@@ -12,8 +12,9 @@ whole-voxel shifts (the interpolation artefact Elastix's random-coordinate sampl
 centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``). Draws come from a
 seeded generator, so a run is deterministic on the CPU.
 
-Steps are in millimetres (the residual is optimised in mm and converted with the grid's spacing),
-because anatomy moves by millimetres whatever the voxel size.
+Steps are in millimetres, because anatomy moves by millimetres whatever the voxel size, but never
+longer than one voxel of the level along any axis (Elastix's default largest step): on a grid of
+0.1 mm voxels 0.6 mm steps would be six voxels long, and the optimisation diverged there.
 
 Tensors are ``(1, C, *spatial)`` on the optimisation grid, fields in voxels of that grid, channel
 ``i`` along array axis ``i`` (see :mod:`spatial`), pull-back: ``warped(x) = floating(x + u(x))``.
@@ -46,7 +47,7 @@ class OptimisationSettings:
     iterations: int | None = None  # Adam iterations per level; None: DEFAULT_ITERATIONS of the image's dimension
     samples: int = 16384  # voxels compared per iteration; every voxel when a level has fewer
     control_spacing: int = 8  # voxels of a level between control points
-    learning_rate: float = 0.6  # mm per step at the finest level, at most (a level k times coarser: k times more)
+    learning_rate: float = 0.6  # mm per step at the finest level, at most one voxel (a level k times coarser: k times more)
     smoothness: float = 0.5  # weight of the diffusion penalty on the control grid
     mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
     bins: int = 32  # NMI histogram bins
@@ -97,8 +98,8 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         initial: ``(1, ndims, *spatial)`` voxel field to start from (the network's); zero if None.
         reference_mask, floating_mask: SAR's soft masks ``(1, 1, *spatial)``, for ``mask_weight``.
         ignore_mask: ``(1, 1, *spatial)`` in [0, 1], 1 where the images are not compared.
-        spacing: the grid's voxel size in mm per array axis (1 mm if None). The residual is
-            optimised in mm, so a step has one physical length whatever the voxel size.
+        spacing: the grid's voxel size in mm per array axis (1 mm if None), which turns
+            ``learning_rate`` into voxels per step along each axis (at most one).
 
     The objective is measured on one fixed set of voxels before and after; if the residual did not
     lower it, the initial field is returned unchanged, so this stage never ends worse (by its own
@@ -125,9 +126,12 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     finest = images_at(1)
     evaluation_points = _points(shape, settings.samples * 4, torch.Generator(device="cpu").manual_seed(
         settings.seed + 1), reference.device)
-    per_mm = torch.tensor([1.0] * ndims if spacing is None else [1.0 / float(size) for size in spacing],
-                          dtype=reference.dtype, device=reference.device).view(1, ndims, *([1] * ndims))
-    residual = None  # in mm, on the control grid; per_mm * residual is in voxels
+    spacing = (1.0,) * ndims if spacing is None else tuple(float(size) for size in spacing)
+    # The residual is optimised in units of one full-resolution step per axis, so that Adam's
+    # step (at most its rate) has the same length in mm along every axis; step_voxels turns it into voxels.
+    step_voxels = torch.tensor([min(settings.learning_rate / size, 1.0) for size in spacing], dtype=reference.dtype,
+                               device=reference.device).view(1, ndims, *([1] * ndims))
+    residual = None
     with torch.no_grad():
         start_loss = float(_objective(finest, initial, None, evaluation_points, settings, use_masks, shape))
 
@@ -144,19 +148,19 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         residual = torch.zeros(1, ndims, *control_shape, dtype=reference.dtype, device=reference.device) \
             if residual is None else _resize(residual.detach(), control_shape)
         residual.requires_grad_(True)
-        adam = Adam([residual], lr=settings.learning_rate)
+        adam = Adam([residual], lr=1.0)
         for iteration in range(iterations):
             # Steps grow with the level's factor, so coarse levels travel far (capture range: on 15 mm
             # deformations the field error was 1.25 mm with full-resolution steps, 0.26 mm so; on
             # 20 mm ones 0.6 mm steps halved the error of 0.2 mm ones), and shrink linearly to a
             # tenth within each level: the random samples make the gradient noisy, and smaller final
             # steps average that noise out instead of ending on it.
-            adam.lr = settings.learning_rate * factor * (1 - 0.9 * iteration / iterations)
+            adam.lr = factor * (1 - 0.9 * iteration / iterations)
             if cancel is not None and cancel():
                 raise RegistrationCancelled("Registration cancelled during instance optimisation; nothing was written.")
             points = _points(level_shape, settings.samples, generator, reference.device)
             adam.zero_grad()
-            loss = _objective(images, initial, residual * per_mm, points, settings, use_masks, shape)
+            loss = _objective(images, initial, residual * step_voxels, points, settings, use_masks, shape)
             loss.backward()
             adam.step()
             done += 1
@@ -166,7 +170,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
                                        f"iteration {done}, loss {history[-1]:.4f}")
 
     with torch.no_grad():
-        residual = residual.detach() * per_mm
+        residual = residual.detach() * step_voxels
         final_loss = float(_objective(finest, initial, residual, evaluation_points, settings, use_masks, shape))
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)

@@ -41,6 +41,24 @@ def test_lowers_a_known_fields_error_on_a_real_image(lung_pair):
     assert result.reference_mask is None and result.floating_mask is None  # no network, no SAR masks
 
 
+def test_fine_voxels_take_steps_of_at_most_one_voxel(lung_pair):
+    """The same pair on 0.1 mm voxels: 0.6 mm steps would be six voxels long (the error then grew
+    above the deformation itself); capped at one voxel, the field is recovered as on 1 mm voxels."""
+    reference, floating, transform = lung_pair
+    applied_voxels = _applied_field(transform, reference)  # mm on 1 mm voxels: voxels
+    errors = {}
+    for spacing in (1.0, 0.1):
+        images = [sitk.Image(image) for image in (reference, floating)]
+        for image in images:
+            image.SetSpacing((spacing, spacing))
+            image.SetOrigin((0.0, 0.0))
+        result = register(*images, device="cpu")
+        found_voxels = sitk.GetArrayFromImage(result.displacement) / spacing
+        errors[spacing] = np.linalg.norm(found_voxels - applied_voxels, axis=-1).mean()
+    assert errors[0.1] < 0.4 * np.linalg.norm(applied_voxels, axis=-1).mean()
+    assert errors[0.1] < 2 * errors[1.0] + 0.05
+
+
 def test_never_ends_worse_than_its_start():
     """A start that is already the answer (identical images, zero field) is kept when nothing beats it."""
     generator = torch.Generator().manual_seed(0)
