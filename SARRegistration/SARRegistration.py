@@ -1374,6 +1374,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         if "iterations" in metrics:
             converged = {True: _(" (converged)"), False: _(" (iteration limit)")}.get(metrics.get("converged"), "")
             rows.append((_("Finetuning iterations"), "", f"{metrics['iterations']}{converged}"))
+        if metrics.get("finetuning_declined"):
+            rows.append((_("Finetuning"), "", _("network's own field kept (the tuned one matched the images no better)")))
         if "instance_optimisation" in metrics:
             optimisation = metrics["instance_optimisation"]
             text = _("off") if not optimisation else _("{levels} levels, {iterations} iterations, {seconds}").format(

@@ -196,7 +196,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     stage_seconds["preparation"] = time.perf_counter() - started
 
     iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
-    finetuning_losses = []
+    finetuning_losses, finetuning_declined = [], None
     if network:
         stage_start = time.perf_counter()
         reference_input = network_input(reference, grid, slicewise, torch_device)
@@ -221,6 +221,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                                         ignore_mask=ignore_input)
             displacement, iterations, converged = tuned.displacement, tuned.iterations, tuned.converged
             finetuning_losses = [round(loss, 5) for loss in tuned.losses]
+            finetuning_declined = tuned.declined
             stage_seconds["finetuning"] = time.perf_counter() - stage_start
         else:
             with torch.no_grad():
@@ -273,6 +274,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                "affine_prealignment": affine, "overlap_fraction": round(overlap, 4),
                "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
                "iterations": iterations, "converged": converged, "finetuning_losses": finetuning_losses,
+               # True: the tuned last layer lowered the loss but not the image term, so the network's
+               # own field was kept (FinetuneSettings.require_similarity_gain).
+               "finetuning_declined": finetuning_declined,
                "instance_optimisation": optimisation_summary,
                "folding_fraction": folding, "max_displacement_mm": largest_displacement,
                "weights": model.metadata.get("weights_path", "in memory") if network else None}

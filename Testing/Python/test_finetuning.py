@@ -243,6 +243,7 @@ def test_the_iterate_of_lowest_loss_is_kept(loaded_model, real_pair):
         torch.testing.assert_close(result.displacement, loaded_model.generator.field(encoding.forward))
 
     overshooting.keep_lowest_loss = False
+    overshooting.require_similarity_gain = False  # the last iterate matches the images worse
     last = finetune_last_layer(loaded_model, encoding, reference, floating, overshooting)
     assert last.kept_step == 5 and last.kept_loss > result.kept_loss
     assert not torch.equal(last.displacement, result.displacement)
@@ -271,3 +272,32 @@ def test_the_proximity_term_holds_the_field_near_the_networks(loaded_model, real
 
     free, held = distance_from_the_network(0.0), distance_from_the_network(100.0)
     assert free > 0 and held < 0.1 * free
+
+
+def test_a_tuned_layer_that_matches_the_images_worse_is_declined(data_dir):
+    """With the smoothness term far too strong, finetuning lowers its loss by flattening the
+    shipped network's good field, so the images match worse: the network's own layer comes back.
+    Without the guard the flattened field is returned, with a lower NMI."""
+    from SARRegistrationLib import losses
+    from SARRegistrationLib.spatial import warp
+
+    model = load_model(ndims=2)
+    reference, floating = (imageio.read_image(data_dir / name) for name in ("brain_t1.nrrd", "sample_floating_t1.nrrd"))
+    grid = grids.grid_with_shape(reference, (256, 256))
+    reference, floating = (torch.from_numpy(imageio.normalise_intensity(imageio.array_of(
+        grids.resample_to(image, grid))))[None, None] for image in (reference, floating))
+    encoding = encode_pair(model, reference, floating)
+
+    def tuned(guard):
+        settings = FinetuneSettings(max_iterations=10, tolerance=0.0, require_similarity_gain=guard)
+        settings.weights.smoothness = 50.0
+        result = finetune_last_layer(model, encoding, reference, floating, settings)
+        with torch.no_grad():
+            return result, float(losses.normalised_mutual_information(warp(floating, result.displacement), reference))
+
+    (guarded, guarded_nmi), (unguarded, unguarded_nmi) = tuned(True), tuned(False)
+    assert unguarded.kept_step > 0 and not unguarded.declined
+    assert guarded.declined and guarded.kept_step == 0 and guarded.kept_loss == guarded.losses[0]
+    with torch.no_grad():
+        torch.testing.assert_close(guarded.displacement, model.generator.field(encoding.forward))
+    assert unguarded_nmi < guarded_nmi - 0.01

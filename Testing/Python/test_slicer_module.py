@@ -1217,6 +1217,9 @@ def test_measures_are_tabulated(module):
     assert ("Finetuning iterations", "", "37 (converged)") in rows
     assert ("Time", "", "2.3 s") in rows
     assert [row[0] for row in module.SARRegistrationLogic.metricsRows({"iterations": 0})] == ["Finetuning iterations"]
+    assert not any(row[0] == "Finetuning" for row in rows)
+    declined = module.SARRegistrationLogic.metricsRows({**metrics, "finetuning_declined": True})
+    assert ("Finetuning", "", "network's own field kept (the tuned one matched the images no better)") in declined
 
 
 @pytest.fixture
