@@ -14,7 +14,7 @@ from dataclasses import dataclass
 # engine's defaults (SARRegistrationLib.register, OptimisationSettings), so a run with the default
 # preset gives the command line's result; "fast" trades iterations for time.
 # The panel's instance-optimisation iterations of 0 ("Auto") leave the engine's default of the
-# images' dimension (OptimisationSettings.iterations_for).
+# images' dimension (OptimisationSettings.for_dimension).
 AUTO_ITERATIONS = 0
 PRESETS = {
     "accurate": {"finetune": True, "maxIterations": 100, "instanceOptimisation": True,

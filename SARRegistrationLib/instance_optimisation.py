@@ -3,8 +3,10 @@
 The network gives a fast first estimate; this stage gives the accuracy, as uniGradICON's instance
 optimisation and ConvexAdam's Adam stage do. The residual lives on a control grid (linear
 interpolation between control points, a diffusion penalty between them), optimised with Adam from
-coarse to fine on ``2 - NMI`` (which holds when the contrasts differ), optionally with the log-Dice
-of SAR's own masks. Each iteration compares at most ``samples`` voxels, drawn at random (as
+coarse to fine on ``2 - NMI`` plus the mean squared difference of MIND-SSC descriptors (both hold
+when the contrasts differ: NMI through the joint histogram of the whole image, MIND through local
+self-similarity, which also survives bias fields), optionally with the log-Dice of SAR's own
+masks. Each iteration compares at most ``samples`` voxels, drawn at random (as
 Elastix's random sampler does), so its cost does not grow with the image: a 3D volume costs about
 what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres the reference
 is not interpolated while the warped floating image is, which biases mutual information towards
@@ -22,7 +24,7 @@ Tensors are ``(1, C, *spatial)`` on the optimisation grid, fields in voxels of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -34,9 +36,23 @@ from .optimisers import Adam
 from .spatial import downsample
 
 ProgressCallback = Callable[[float, str], None]
-# A volume's iterations cost about what an image's do (the samples are capped), and on the 3D tuning
-# pairs 80 lowered the field error by a further 3-8 %, where in 2D the time target leaves no room.
-DEFAULT_ITERATIONS = {2: 40, 3: 80}
+# How the images can be compared (OptimisationSettings.similarity).
+SIMILARITIES = ("nmi", "nmi+mind", "mind")
+# The settings whose default depends on the images' dimension (a None in OptimisationSettings),
+# chosen on the tuning pairs (benchmarks/results/instance_optimisation_tuning.md):
+# - similarity: NMI plus MIND-SSC won or tied on all 12 tuning sets against NMI alone, in 2D by
+#   up to half the error (velocity fields, large deformations, contrast changes); in 3D too (by
+#   up to 15 % with a contrast change), but there it doubled the time of a 128^3 volume (the
+#   descriptors of the whole volume, 12 channels a sample), which broke the 5x-Elastix target:
+#   3D keeps NMI alone by default, and "nmi+mind" is the user's choice;
+# - iterations: a volume's cost about what an image's do (the samples are capped), and in 3D 80
+#   lowered the field error by a further 3-8 %, where in 2D the time target leaves no room;
+# - mind_weight: 0.5 was best in 2D (1 and 2 cost the same-contrast B-splines), 1 in 3D (lower
+#   errors than 0.5 with a contrast change, equal without);
+# - mind_samples: in 3D each sample reads 12 descriptor channels, and 2048 were as accurate as
+#   4096 in 0.4 s less a pair; in 2D (4 channels) 2048 cost accuracy.
+DIMENSION_DEFAULTS = {2: {"similarity": "nmi+mind", "iterations": 40, "mind_weight": 0.5, "mind_samples": 4096},
+                      3: {"similarity": "nmi", "iterations": 80, "mind_weight": 1.0, "mind_samples": 2048}}
 
 
 @dataclass
@@ -44,7 +60,7 @@ class OptimisationSettings:
     """How the residual field is optimised. Defaults chosen on non-brain and synthetic pairs."""
 
     levels: int = 3  # resolution levels, coarsest first: images shrunk by 2**(levels-1), ..., 1
-    iterations: int | None = None  # Adam iterations per level; None: DEFAULT_ITERATIONS of the image's dimension
+    iterations: int | None = None  # Adam iterations per level (None: see DIMENSION_DEFAULTS)
     samples: int = 16384  # voxels compared per iteration; every voxel when a level has fewer
     control_spacing: int = 8  # voxels of a level between control points
     learning_rate: float = 0.6  # mm per step at the finest level, at most one voxel (a level k times coarser: k times more)
@@ -52,25 +68,37 @@ class OptimisationSettings:
     mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
     bins: int = 32  # NMI histogram bins
     nmi_kernel: str = "linear"  # Parzen window of the NMI histograms: "linear" (fast) or "gaussian"
+    # What compares the images: "nmi" (2 - NMI of the sampled intensities), "mind" (mean squared
+    # difference of MIND-SSC descriptors, losses.mind_ssc, computed once per level; it lost on 11
+    # of the 12 tuning sets) or "nmi+mind", both summed. None: see DIMENSION_DEFAULTS.
+    similarity: str | None = None
+    mind_weight: float | None = None  # of the MIND term in "nmi+mind" (None: see DIMENSION_DEFAULTS)
+    mind_samples: int | None = None  # of the samples, how many the MIND term compares (None: see DIMENSION_DEFAULTS)
     seed: int = 0
 
-    def iterations_for(self, ndims: int) -> int:
-        """Iterations per level for images of ``ndims`` dimensions."""
-        return DEFAULT_ITERATIONS[ndims] if self.iterations is None else self.iterations
+    def for_dimension(self, ndims: int) -> "OptimisationSettings":
+        """These settings for images of ``ndims`` dimensions: every None replaced by its default there."""
+        chosen = {name: value for name, value in DIMENSION_DEFAULTS[ndims].items() if getattr(self, name) is None}
+        return replace(self, **chosen)
 
     def check(self) -> None:
-        for name in ("levels", "iterations", "samples", "control_spacing", "bins"):
+        for name in ("levels", "iterations", "samples", "mind_samples", "control_spacing", "bins"):
             value = getattr(self, name)
-            if name == "iterations" and value is None:
+            if value is None and name in DIMENSION_DEFAULTS[2]:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SettingsError(f"The instance optimisation's {name.replace('_', ' ')} must be a whole number "
                                     f"of at least 1, not {value!r}.")
-        for name in ("learning_rate", "smoothness", "mask_weight"):
+        for name in ("learning_rate", "smoothness", "mask_weight", "mind_weight"):
             value = getattr(self, name)
+            if value is None and name in DIMENSION_DEFAULTS[2]:
+                continue
             if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
                 raise SettingsError(f"The instance optimisation's {name.replace('_', ' ')} must be a finite "
                                     f"number of at least 0, not {value!r}.")
+        if self.similarity is not None and self.similarity not in SIMILARITIES:
+            raise SettingsError(f"The instance optimisation's similarity must be one of {', '.join(SIMILARITIES)}, "
+                                f"not {self.similarity!r}.")
         if self.nmi_kernel not in ("linear", "gaussian"):
             raise SettingsError(f"The instance optimisation's NMI kernel must be 'linear' or 'gaussian', "
                                 f"not {self.nmi_kernel!r}.")
@@ -109,6 +137,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     settings.check()
     shape = tuple(reference.shape[2:])
     ndims = len(shape)
+    settings = settings.for_dimension(ndims)
     initial = None if initial is None else initial.detach()  # None: the identity, never sampled
     use_masks = settings.mask_weight > 0 and reference_mask is not None and floating_mask is not None
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
@@ -116,6 +145,9 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     def images_at(factor: int) -> dict:
         level_shape = tuple(-(-n // factor) for n in shape)
         images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, level_shape)}
+        if "mind" in settings.similarity:
+            images["reference_descriptors"] = losses.mind_ssc(images["reference"])
+            images["floating_descriptors"] = losses.mind_ssc(images["floating"])
         if ignore_mask is not None:
             images["ignore"] = downsample(ignore_mask, level_shape)
         if use_masks:
@@ -135,7 +167,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     with torch.no_grad():
         start_loss = float(_objective(finest, initial, None, evaluation_points, settings, use_masks, shape))
 
-    iterations = settings.iterations_for(ndims)
+    iterations = settings.iterations
     total = settings.levels * iterations
     done, history = 0, []
     for level in range(settings.levels):
@@ -197,10 +229,17 @@ def _points(shape, samples: int, generator: torch.Generator, device) -> torch.Te
     return points.to(device)
 
 
-def _sample(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``volume`` ``(1, C, *spatial)`` at ``points`` ``(1, N, ndims)``, linearly: ``(1, C, N)``."""
+def _grid(points: torch.Tensor) -> torch.Tensor:
+    """``(1, N, ndims)`` positions in array axis order as ``grid_sample``'s grid (x first), made once
+    for all the volumes sampled there. ``index_select``, not ``flip``: flips were a tenth of an
+    iteration's time, and took 3.5 times as long as this."""
     ndims = points.shape[-1]
-    grid = points.flip(-1).view(1, -1, *([1] * (ndims - 1)), ndims)  # grid_sample reads x first
+    reversed_axes = torch.arange(ndims - 1, -1, -1, device=points.device)
+    return points.index_select(-1, reversed_axes).view(1, -1, *([1] * (ndims - 1)), ndims)
+
+
+def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``volume`` ``(1, C, *spatial)`` at the ``N`` positions of a :func:`_grid`, linearly: ``(1, C, N)``."""
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
 
 
@@ -211,22 +250,33 @@ def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tenso
     ``initial`` and ``residual`` (either may be None: zero) are in voxels of the optimisation grid,
     of shape ``full_shape``.
     """
+    at_points = _grid(points)
     displacement = torch.zeros(1, len(full_shape), points.shape[1], dtype=points.dtype, device=points.device)
     if initial is not None:
-        displacement = displacement + _sample(initial, points)  # (1, ndims, N)
+        displacement = displacement + _sample(initial, at_points)  # (1, ndims, N)
     if residual is not None:
-        displacement = displacement + _sample(residual, points)
+        displacement = displacement + _sample(residual, at_points)
     to_normalised = torch.tensor([2.0 / max(n - 1, 1) for n in full_shape], dtype=points.dtype,
                                  device=points.device)
-    moved = points + displacement.transpose(1, 2) * to_normalised
-    warped = _sample(images["floating"], moved)
-    fixed = _sample(images["reference"], points)
-    weights = None if "ignore" not in images else 1 - _sample(images["ignore"], points)
-    loss = 2.0 - losses.normalised_mutual_information(warped, fixed, bins=settings.bins, mask=weights,
-                                                   kernel=settings.nmi_kernel)
+    at_moved = _grid(points + displacement.transpose(1, 2) * to_normalised)
+    weights = None if "ignore" not in images else 1 - _sample(images["ignore"], at_points)
+    loss = 0.0
+    if "nmi" in settings.similarity:
+        warped = _sample(images["floating"], at_moved)
+        fixed = _sample(images["reference"], at_points)
+        loss = 2.0 - losses.normalised_mutual_information(warped, fixed, bins=settings.bins, mask=weights,
+                                                       kernel=settings.nmi_kernel)
+    if "mind" in settings.similarity:
+        count = settings.mind_samples  # the first of the random samples: MIND's channels make each dear
+        difference = _sample(images["floating_descriptors"], at_moved[:, :count]) - \
+            _sample(images["reference_descriptors"], at_points[:, :count])
+        squared = (difference * difference).mean(dim=1, keepdim=True)
+        mind = squared.mean() if weights is None else \
+            (squared * weights[..., :count]).sum() / (weights[..., :count].sum() + 1e-7)
+        loss = loss + (settings.mind_weight if "nmi" in settings.similarity else 1.0) * mind
     if use_masks:
         loss = loss + settings.mask_weight * losses.log_dice_loss(
-            _sample(images["floating_mask"], moved), _sample(images["reference_mask"], points))
+            _sample(images["floating_mask"], at_moved), _sample(images["reference_mask"], at_points))
     if residual is not None and settings.smoothness:
         loss = loss + settings.smoothness * _diffusion(residual, full_shape)
     return loss

@@ -112,6 +112,42 @@ def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 
     return ((entropy_a + entropy_b) / (entropy_ab + EPS)).mean()
 
 
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al. 2013), ``(B, C, *spatial)`` for a ``(B, 1, *spatial)`` image.
+
+    The self-similarity context: for each pair of the ``2 * ndims`` neighbours at ``dilation``
+    voxels that lie on different axes (12 pairs in 3D, 4 in 2D), the patch distance between the
+    image shifted by one neighbour and by the other, box-averaged over ``(2 * radius + 1)`` voxels
+    per axis; then ``exp(-d / v)`` with ``v`` the voxel's mean distance. It describes local
+    structure, not intensity, so it holds under contrast changes and bias fields, which is why
+    ConvexAdam registers on it. Written here: none of the engine's libraries (torch, SimpleITK,
+    scikit-image) has it.
+    """
+    ndims = spatial_ndims(image)
+    offsets = [tuple(sign * dilation if k == axis else 0 for k in range(ndims))
+               for axis in range(ndims) for sign in (-1, 1)]
+    pairs = [(a, b) for i, a in enumerate(offsets) for b in offsets[i + 1:]
+             if [k for k, v in enumerate(a) if v] != [k for k, v in enumerate(b) if v]]
+    padded = F.pad(image, [dilation] * (2 * ndims), mode="replicate")
+
+    def shifted(offset):
+        return padded[(slice(None), slice(None), *(slice(dilation + o, dilation + o + n)
+                                                  for o, n in zip(offset, image.shape[2:])))]
+
+    distances = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in pairs], dim=1)
+    distances = F.pad(distances, [radius] * (2 * ndims), mode="replicate")
+    # The box filter, one axis at a time, as sums of shifted views: avg_pool3d took 95 ms per axis
+    # on 12 channels of 128 x 128 x 62 here, the sums a fraction of that.
+    for axis in range(2, 2 + ndims):
+        count = distances.shape[axis] - 2 * radius
+        distances = sum(distances.narrow(axis, shift, count) for shift in range(2 * radius + 1)) / (2 * radius + 1)
+    distances = distances - distances.amin(dim=1, keepdim=True)  # exp of the smallest is 1: no underflow
+    variance = distances.mean(dim=1, keepdim=True)
+    mean_variance = variance.mean()
+    variance = variance.clamp(mean_variance * 1e-3 + EPS, mean_variance * 1e3 + EPS)
+    return torch.exp(-distances / variance)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 7) -> torch.Tensor:
     """Mean structural similarity, as ``skimage.metrics.structural_similarity(data_range=1)``.
 

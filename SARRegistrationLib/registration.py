@@ -103,7 +103,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
              ignore_mask=None, mode: str = "auto", device="auto", affine: bool = False, finetune: bool = True,
              max_iterations: int = 100, tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              instance_optimisation: bool | OptimisationSettings = True, optimisation_iterations: int | None = None,
-             optimisation_levels: int | None = None, network: bool | None = None,
+             optimisation_levels: int | None = None, optimisation_similarity: str | None = None,
+             network: bool | None = None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
 
@@ -128,8 +129,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         instance_optimisation: optimise a residual field on top of the network's for this pair
             (:mod:`instance_optimisation`), in the image's full dimension; an
             :class:`OptimisationSettings` turns it on with those settings.
-        optimisation_iterations, optimisation_levels: its iterations per level and resolution
-            levels (default: :class:`OptimisationSettings`).
+        optimisation_iterations, optimisation_levels, optimisation_similarity: its iterations per
+            level, resolution levels and image similarity ("nmi", "nmi+mind" or "mind"; default:
+            :class:`OptimisationSettings`: NMI with MIND-SSC in 2D, NMI alone in 3D).
         network: start from the network's (finetuned) field and give SAR's masks. By default
             (None) only when a ``model`` or ``weights`` is given: on the benchmark, instance
             optimisation from the identity was as accurate as from the network's field in 2D and
@@ -161,7 +163,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         raise SettingsError("Without the network, instance optimisation is the only registration stage: turn one "
                             "of them on (the paper's network-only registration: network on, instance optimisation off).")
     _check_finetuning_options(max_iterations, tolerance, smoothness)
-    optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels)
+    optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels,
+                                          optimisation_similarity)
     ndims = reference.GetDimension()
     torch_device = resolve_device(device)
     if network and model is None and weights is not None:
@@ -319,7 +322,7 @@ def network_dimension(image_ndims: int, mode: str, model: SARModel | None = None
     return 3
 
 
-def _optimisation_settings(instance_optimisation, iterations, levels) -> OptimisationSettings | None:
+def _optimisation_settings(instance_optimisation, iterations, levels, similarity) -> OptimisationSettings | None:
     """The settings of instance optimisation, or None when it is off."""
     if instance_optimisation is False:
         return None
@@ -329,6 +332,8 @@ def _optimisation_settings(instance_optimisation, iterations, levels) -> Optimis
         settings.iterations = iterations
     if levels is not None:
         settings.levels = levels
+    if similarity is not None:
+        settings.similarity = similarity
     settings.check()
     return settings
 
@@ -353,6 +358,7 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
     result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
+               "similarity": settings.for_dimension(fixed.dim() - 2).similarity,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,
                "losses": [round(loss, 5) for loss in result.losses]}

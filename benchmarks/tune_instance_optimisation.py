@@ -49,7 +49,13 @@ DEFAULT_VARIANTS = ["defaults:", "network first:network=1,finetune=0", "network 
                     "samples 32768:samples=32768", "smoothness 0.25:smoothness=0.25", "smoothness 1:smoothness=1",
                     "learning rate 0.2 mm:learning_rate=0.2", "learning rate 1 mm:learning_rate=1",
                     "control spacing 6:control_spacing=6", "control spacing 12:control_spacing=12",
-                    "Gaussian NMI window:nmi_kernel=gaussian"]
+                    "Gaussian NMI window:nmi_kernel=gaussian", "NMI alone:similarity=nmi",
+                    "NMI + MIND-SSC:similarity=nmi+mind", "MIND-SSC alone:similarity=mind",
+                    "NMI + 0.5 MIND-SSC:similarity=nmi+mind,mind_weight=0.5",
+                    "NMI + 1 MIND-SSC:similarity=nmi+mind,mind_weight=1",
+                    "NMI + 2 MIND-SSC:similarity=nmi+mind,mind_weight=2",
+                    "NMI + MIND-SSC, 2048 MIND samples:similarity=nmi+mind,mind_samples=2048",
+                    "NMI + MIND-SSC, 4096 MIND samples:similarity=nmi+mind,mind_samples=4096"]
 STAGE_OPTIONS = {"network", "finetune", "io"}
 FAMILIES = {"bspline": lambda image, rng: random_bspline_transform(image, rng, 6.0),
             "large": large_deformation_transform, "velocity": velocity_field_transform}

@@ -79,6 +79,21 @@ def test_defaults_of_the_command_line_and_the_api_give_the_same_field(tmp_path, 
                                                  "seconds": metrics["instance_optimisation"]["seconds"]}}
 
 
+def test_the_similarity_of_instance_optimisation_is_chosen_on_the_command_line(tmp_path, inputs):
+    from SARRegistrationLib.instance_optimisation import SIMILARITIES
+
+    for similarity in SIMILARITIES:
+        output = tmp_path / similarity
+        args = _register_args(inputs, output, "--no-qa", "--no-network", "--optimisation-similarity", similarity,
+                              "--optimisation-iterations", "2")
+        assert cli.main(args) == 0
+        metrics = json.loads((output / "metrics.json").read_text())
+        assert metrics["instance_optimisation"]["similarity"] == similarity
+    with pytest.raises(SystemExit):
+        cli.main(_register_args(inputs, tmp_path / "bad", "--optimisation-similarity", "ncc"))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     output = tmp_path / "result"
     args = _register_args(inputs, output, "--reference-mask", str(inputs["reference_mask"]),

@@ -30,6 +30,48 @@ def volume(read_test_image):
     return _unit_range(read_test_image("brain3d_t1.nii.gz"))
 
 
+# --- MIND-SSC ---------------------------------------------------------------------------------
+
+def test_mind_ssc_has_the_self_similarity_context_channels_and_ignores_linear_contrast(pd_t1, volume):
+    """4 neighbour pairs in 2D, 12 in 3D; values in (0, 1]; an offset changes nothing, nor does a
+    gain but where all patch distances are near 0 (flat background: the variance floor binds)."""
+    pd, _ = pd_t1
+    for image, channels in ((pd, 4), (volume, 12)):
+        tensor = _tensor(image, torch.float64)
+        descriptors = losses.mind_ssc(tensor)
+        assert descriptors.shape == (1, channels, *image.shape)
+        assert descriptors.min() > 0 and descriptors.max() <= 1
+        torch.testing.assert_close(losses.mind_ssc(tensor + 0.3), descriptors)
+        changed = (losses.mind_ssc(0.4 * tensor) - descriptors).abs() > 1e-6
+        assert changed.float().mean() < 1e-3
+
+
+def test_mind_ssc_matches_a_direct_computation_at_one_voxel():
+    """At an interior voxel, channel (north, east) is exp(-d / v): d the 3 x 3 box mean of the squared
+    difference of the image shifted to those two neighbours, v the mean of d over the 4 channels."""
+    image = torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, x = 4, 4
+    pixel = lambda dy, dx: image[0, 0, y + dy, x + dx]  # noqa: E731
+
+    def distance(a, b):  # a, b: neighbour offsets (dy, dx)
+        return sum((pixel(a[0] + i, a[1] + j) - pixel(b[0] + i, b[1] + j)) ** 2
+                   for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+
+    pairs = [((-1, 0), (0, -1)), ((-1, 0), (0, 1)), ((1, 0), (0, -1)), ((1, 0), (0, 1))]
+    d = torch.stack([distance(a, b) for a, b in pairs])
+    d = d - d.min()
+    descriptors = losses.mind_ssc(image)[0, :, y, x]
+    # The variance is clamped around the image's mean variance; at this voxel it is not reached.
+    torch.testing.assert_close(descriptors, torch.exp(-d / d.mean()))
+
+
+def test_mind_ssc_tells_aligned_from_shifted_across_contrasts(pd_t1):
+    """PD against T1 of the same slice: the descriptors differ less than against a shifted T1."""
+    pd, t1 = (losses.mind_ssc(_tensor(image)) for image in pd_t1)
+    shifted = losses.mind_ssc(_tensor(np.roll(pd_t1[1], 3, axis=1)))
+    assert ((pd - t1) ** 2).mean() < 0.8 * ((pd - shifted) ** 2).mean()
+
+
 # --- normalised mutual information -----------------------------------------------------------
 
 @pytest.mark.parametrize("bins", [16, 32, 64])

@@ -83,7 +83,7 @@ def test_presets_set_their_settings_and_hand_edits_make_them_custom(decisions):
     fast = decisions.presetSettings("fast")
     accurate = decisions.presetSettings("accurate")
     assert fast["maxIterations"] < accurate["maxIterations"]
-    fewest_default = min(OptimisationSettings().iterations_for(ndims) for ndims in (2, 3))
+    fewest_default = min(OptimisationSettings().for_dimension(ndims).iterations for ndims in (2, 3))
     assert decisions.engineIterations(accurate["optimisationIterations"]) is None  # the engine's default
     assert fast["optimisationIterations"] * fast["optimisationLevels"] < fewest_default * accurate["optimisationLevels"]
     assert decisions.matchingPreset(fast) == "fast" and decisions.matchingPreset(accurate) == "accurate"
