@@ -171,8 +171,10 @@ class SARMethod(Method):
 
     def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True,
                  instance_optimisation: bool = True, network: bool = True, mode: str = "auto",
-                 max_iterations: int = 100, optimisation_iterations: int | None = None, device: str = "auto"):
+                 max_iterations: int = 100, optimisation_iterations: int | None = None, device: str = "auto",
+                 similarity: str | None = None):
         self.key, self.label = key, label
+        self.similarity = similarity  # instance optimisation's image similarity; None: the engine's default
         self.weights = None if weights is None else Path(weights)
         self.ndims, self.mode = ndims, mode
         self.network, self.finetune, self.instance_optimisation = network, finetune and network, instance_optimisation
@@ -185,6 +187,8 @@ class SARMethod(Method):
                     "network": self.network}
         if self.optimisation_iterations is not None:
             keywords["optimisation_iterations"] = self.optimisation_iterations
+        if self.similarity is not None:
+            keywords["optimisation_similarity"] = self.similarity
         return keywords
 
     def prepare(self) -> None:
@@ -219,6 +223,7 @@ class SARMethod(Method):
                     "max_iterations": self.max_iterations if self.finetune else 0}
         if self.instance_optimisation:
             settings["optimisation_iterations"] = self.optimisation_iterations or "engine default"
+            settings["optimisation_similarity"] = self.similarity or "engine default"
         return settings
 
 

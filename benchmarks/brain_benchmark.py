@@ -552,6 +552,10 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
               "device": args.device}
     # The default pipeline first: register() with its defaults runs instance optimisation alone.
     methods = [baselines.Before(), baselines.SARMethod("sar", DEFAULT_LABEL, None, ndims, network=False, **common)]
+    # The similarity that is not the default in this dimension (see OptimisationSettings.similarity).
+    other_similarity = {2: ("sar_nmi", "nmi", "NMI alone"), 3: ("sar_mind", "nmi+mind", "NMI + MIND-SSC")}[ndims]
+    methods.append(baselines.SARMethod(other_similarity[0], f"SAR instance optimisation alone, {other_similarity[2]}",
+                                       None, ndims, network=False, similarity=other_similarity[1], **common))
     for suffix, name, network_ndims, mode in SAR_VARIANTS[ndims]:
         methods += sar_rows(suffix, name, weights[network_ndims][0], weights[network_ndims][1], network_ndims, mode,
                             **common)
@@ -572,7 +576,7 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
     return methods
 
 
-METHOD_KEYS = ("before", "sar", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
+METHOD_KEYS = ("before", "sar", "sar_nmi", "sar_mind", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
                "sar_finetune_volume", "sar_full_volume", "sar_noseg_volume", "elastix", "ants", "greedy", "convexadam",
                "voxelmorph", "voxelmorph_volume")
 
