@@ -40,17 +40,18 @@ ProgressCallback = Callable[[float, str], None]
 SIMILARITIES = ("nmi", "nmi+mind", "mind")
 # The settings whose default depends on the images' dimension (a None in OptimisationSettings),
 # chosen on the tuning pairs (benchmarks/results/instance_optimisation_tuning.md):
-# - similarity: NMI plus MIND-SSC won or tied on all 12 tuning sets against NMI alone, in 2D by
-#   up to half the error (velocity fields, large deformations, contrast changes); in 3D too (by
-#   up to 15 % with a contrast change), but there it doubled the time of a 128^3 volume (the
-#   descriptors of the whole volume, 12 channels a sample), which broke the 5x-Elastix target:
-#   3D keeps NMI alone by default, and "nmi+mind" is the user's choice;
+# - similarity: NMI plus MIND-SSC had a lower field error than NMI alone on 9 of the 12 tuning
+#   sets and was within 0.003 mm on the other 3; in 2D up to half the error went (velocity fields,
+#   large deformations, contrast changes), in 3D up to 15 % with a contrast change. But in 3D it
+#   doubled the time of a 128^3 volume (the descriptors of the whole volume, 12 channels a
+#   sample), which broke the 5x-Elastix target: 3D keeps NMI alone by default, and "nmi+mind" is
+#   the user's choice;
 # - iterations: a volume's cost about what an image's do (the samples are capped), and in 3D 80
 #   lowered the field error by a further 3-8 %, where in 2D the time target leaves no room;
-# - mind_weight: 0.5 was best in 2D (1 and 2 cost the same-contrast B-splines), 1 in 3D (lower
-#   errors than 0.5 with a contrast change, equal without);
+# - mind_weight: 0.5 was best on all six 2D sets; 1 in 3D (lower errors than 0.5 with a contrast
+#   change, within 0.002 mm without);
 # - mind_samples: in 3D each sample reads 12 descriptor channels, and 2048 were as accurate as
-#   4096 in 0.4 s less a pair; in 2D (4 channels) 2048 cost accuracy.
+#   4096 in about 0.5 s less a pair; in 2D (4 channels) 2048 cost accuracy.
 DIMENSION_DEFAULTS = {2: {"similarity": "nmi+mind", "iterations": 40, "mind_weight": 0.5, "mind_samples": 4096},
                       3: {"similarity": "nmi", "iterations": 80, "mind_weight": 1.0, "mind_samples": 2048}}
 
