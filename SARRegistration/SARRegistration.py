@@ -1381,7 +1381,9 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
             text = _("off") if not optimisation else _("{levels} levels, {iterations} iterations, {seconds}").format(
                 levels=optimisation.get("levels"), iterations=optimisation.get("iterations"),
                 seconds=number(optimisation.get("seconds"), 1, " s"))
-            rows.append((_("Instance optimisation"), "", text))
+            similarity = {"nmi": "NMI", "nmi+mind": "NMI + MIND-SSC", "mind": "MIND-SSC"}.get(
+                (optimisation or {}).get("similarity"))
+            rows.append((_("Instance optimisation"), "", f"{text}, {similarity}" if similarity else text))
         if "seconds" in metrics:
             rows.append((_("Time"), "", number(metrics["seconds"], 1, " s")))
         if "device" in metrics:

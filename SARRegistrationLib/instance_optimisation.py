@@ -252,14 +252,13 @@ def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tenso
     of shape ``full_shape``.
     """
     at_points = _grid(points)
-    displacement = torch.zeros(1, len(full_shape), points.shape[1], dtype=points.dtype, device=points.device)
-    if initial is not None:
-        displacement = displacement + _sample(initial, at_points)  # (1, ndims, N)
-    if residual is not None:
-        displacement = displacement + _sample(residual, at_points)
-    to_normalised = torch.tensor([2.0 / max(n - 1, 1) for n in full_shape], dtype=points.dtype,
-                                 device=points.device)
-    at_moved = _grid(points + displacement.transpose(1, 2) * to_normalised)
+    sampled = [_sample(volume, at_points) for volume in (initial, residual) if volume is not None]  # (1, ndims, N)
+    if sampled:
+        to_normalised = torch.tensor([2.0 / max(n - 1, 1) for n in full_shape], dtype=points.dtype,
+                                     device=points.device)
+        at_moved = _grid(points + sum(sampled[1:], sampled[0]).transpose(1, 2) * to_normalised)
+    else:  # the identity
+        at_moved = at_points
     weights = None if "ignore" not in images else 1 - _sample(images["ignore"], at_points)
     loss = 0.0
     if "nmi" in settings.similarity:

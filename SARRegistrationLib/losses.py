@@ -57,10 +57,12 @@ def _linear_joint_histogram(a: torch.Tensor, b: torch.Tensor, bins: int, weights
     lower_a, weight_a = _linear_memberships(a, bins)
     lower_b, weight_b = _linear_memberships(b, bins)
     joint = a.new_zeros(batch, bins * bins)
-    for step_a, share_a in ((0, weight_a), (1, 1 - weight_a)):
-        for step_b, share_b in ((0, weight_b), (1, 1 - weight_b)):
+    lowest = lower_a * bins + lower_b  # the entry of both lower bins; the other three are offsets from it
+    for offset_a, share_a in ((0, weight_a), (bins, 1 - weight_a)):
+        for offset_b, share_b in ((0, weight_b), (1, 1 - weight_b)):
             share = share_a * share_b if weights is None else share_a * share_b * weights
-            joint = joint.scatter_add(1, (lower_a + step_a) * bins + lower_b + step_b, share)
+            offset = offset_a + offset_b
+            joint = joint.scatter_add(1, lowest + offset if offset else lowest, share)
     return joint.view(batch, bins, bins)
 
 

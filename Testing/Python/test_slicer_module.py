@@ -1218,6 +1218,9 @@ def test_measures_are_tabulated(module):
     assert ("Time", "", "2.3 s") in rows
     assert [row[0] for row in module.SARRegistrationLogic.metricsRows({"iterations": 0})] == ["Finetuning iterations"]
     assert not any(row[0] == "Finetuning" for row in rows)
+    optimised = module.SARRegistrationLogic.metricsRows({"instance_optimisation": {
+        "levels": 3, "iterations": 120, "seconds": 0.21, "similarity": "nmi+mind"}})
+    assert optimised == [("Instance optimisation", "", "3 levels, 120 iterations, 0.2 s, NMI + MIND-SSC")]
     declined = module.SARRegistrationLogic.metricsRows({**metrics, "finetuning_declined": True})
     assert ("Finetuning", "", "network's own field kept (the tuned one matched the images no better)") in declined
 
