@@ -246,7 +246,8 @@ def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tensor | None, points: torch.Tensor,
                settings: OptimisationSettings, use_masks: bool, full_shape) -> torch.Tensor:
-    """``2 - NMI`` (+ log-Dice of the masks, + diffusion of the residual) at ``points``.
+    """The similarity (``2 - NMI``, the MIND-SSC difference or both; + log-Dice of the masks, + diffusion
+    of the residual) at ``points``.
 
     ``initial`` and ``residual`` (either may be None: zero) are in voxels of the optimisation grid,
     of shape ``full_shape``.
