@@ -211,7 +211,8 @@ class SARRegistrationParameterNode:
 
     ``weightsPath`` left empty means the shipped weights (it is a string, not a Path: an empty
     Path would read "."). The defaults are the engine's (``SARRegistrationLib.register``, its
-    ``OptimisationSettings`` and ``LossWeights.smoothness``), which the "accurate" preset sets.
+    ``OptimisationSettings`` and the finetuning smoothness, ``LossWeights().for_finetuning()``),
+    which the "accurate" preset sets.
     """
 
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -229,7 +230,7 @@ class SARRegistrationParameterNode:
     finetune: bool = True
     maxIterations: Annotated[int, WithinRange(1, 10000)] = 100
     tolerance: Annotated[float, WithinRange(0.0, 1.0), Decimals(6), SingleStep(1e-5)] = 1e-4
-    smoothness: Annotated[float, WithinRange(0.0, 5.0), Decimals(2), SingleStep(0.05)] = 0.5
+    smoothness: Annotated[float, WithinRange(0.0, 5.0), Decimals(2), SingleStep(0.01)] = 0.05
     instanceOptimisation: bool = True
     optimisationIterations: Annotated[int, WithinRange(0, 10000)] = decisions.AUTO_ITERATIONS
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
@@ -1383,6 +1384,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 seconds=number(optimisation.get("seconds"), 1, " s"))
             similarity = {"nmi": "NMI", "nmi+mind": "NMI + MIND-SSC", "mind": "MIND-SSC"}.get(
                 (optimisation or {}).get("similarity"))
+            if similarity and (optimisation or {}).get("bias_field"):
+                similarity += _(" with a bias field")
             rows.append((_("Instance optimisation"), "", f"{text}, {similarity}" if similarity else text))
         if "seconds" in metrics:
             rows.append((_("Time"), "", number(metrics["seconds"], 1, " s")))

@@ -104,7 +104,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
              max_iterations: int = 100, tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              instance_optimisation: bool | OptimisationSettings = True, optimisation_iterations: int | None = None,
              optimisation_levels: int | None = None, optimisation_similarity: str | None = None,
-             network: bool | None = None,
+             optimisation_bias_field: bool | None = None, network: bool | None = None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
 
@@ -125,13 +125,16 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         finetune: tune the last layer on this pair (paper §2.3); off gives the trained network's field.
         max_iterations, tolerance: finetuning stops after this many iterations or when the loss
             changes by less than ``tolerance`` between two.
-        smoothness: weight of the field's smoothness during finetuning (default: the model's).
+        smoothness: weight of the field's smoothness during finetuning (default 0.05: ``LossWeights.for_finetuning``).
         instance_optimisation: optimise a residual field on top of the network's for this pair
             (:mod:`instance_optimisation`), in the image's full dimension; an
             :class:`OptimisationSettings` turns it on with those settings.
         optimisation_iterations, optimisation_levels, optimisation_similarity: its iterations per
             level, resolution levels and image similarity ("nmi", "nmi+mind" or "mind"; default:
             :class:`OptimisationSettings`: NMI with MIND-SSC in 2D, NMI alone in 3D).
+        optimisation_bias_field: optimise a smooth intensity gain of the floating image with the
+            field, so that NMI holds under an MR bias field (default: on in 3D, off in 2D: see
+            ``instance_optimisation.DIMENSION_DEFAULTS``).
         network: start from the network's (finetuned) field and give SAR's masks. By default
             (None) only when a ``model`` or ``weights`` is given: on the benchmark, instance
             optimisation from the identity was as accurate as from the network's field in 2D and
@@ -164,7 +167,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                             "of them on (the paper's network-only registration: network on, instance optimisation off).")
     _check_finetuning_options(max_iterations, tolerance, smoothness)
     optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels,
-                                          optimisation_similarity)
+                                          optimisation_similarity, optimisation_bias_field)
     ndims = reference.GetDimension()
     torch_device = resolve_device(device)
     if network and model is None and weights is not None:
@@ -322,7 +325,8 @@ def network_dimension(image_ndims: int, mode: str, model: SARModel | None = None
     return 3
 
 
-def _optimisation_settings(instance_optimisation, iterations, levels, similarity) -> OptimisationSettings | None:
+def _optimisation_settings(instance_optimisation, iterations, levels, similarity,
+                           bias_field) -> OptimisationSettings | None:
     """The settings of instance optimisation, or None when it is off."""
     if instance_optimisation is False:
         return None
@@ -334,6 +338,8 @@ def _optimisation_settings(instance_optimisation, iterations, levels, similarity
         settings.levels = levels
     if similarity is not None:
         settings.similarity = similarity
+    if bias_field is not None:
+        settings.bias_field = bias_field
     settings.check()
     return settings
 
@@ -359,6 +365,7 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "similarity": settings.for_dimension(fixed.dim() - 2).similarity,
+               "bias_field": settings.for_dimension(fixed.dim() - 2).bias_field,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,
                "losses": [round(loss, 5) for loss in result.losses]}

@@ -5,7 +5,8 @@
 
 Pairs (known deformations): in 2D the rat lung MR slices and the abdominal MR slice of
 ``Testing/Data``, each registered to random deformations of itself, once in the same contrast and
-once with a random contrast remapping (``deformations.augment_intensity``); in 3D synthetic
+once with a random contrast remapping (``deformations.augment_intensity``: a bias field, a gamma,
+a non-monotonic intensity curve and noise); in 3D synthetic
 label-map volumes (``synthetic.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the mask of one
 or two labels. The deformation families are the brain benchmark's (``benchmarks/
 deformation_families.py``): the engine's 6 mm B-spline, a large deformation (rotation, shift and a
@@ -55,7 +56,8 @@ DEFAULT_VARIANTS = ["defaults:", "network first:network=1,finetune=0", "network 
                     "NMI + 1 MIND-SSC:similarity=nmi+mind,mind_weight=1",
                     "NMI + 2 MIND-SSC:similarity=nmi+mind,mind_weight=2",
                     "NMI + MIND-SSC, 2048 MIND samples:similarity=nmi+mind,mind_samples=2048",
-                    "NMI + MIND-SSC, 4096 MIND samples:similarity=nmi+mind,mind_samples=4096"]
+                    "NMI + MIND-SSC, 4096 MIND samples:similarity=nmi+mind,mind_samples=4096",
+                    "no bias field:bias_field=0", "bias field:bias_field=1"]
 STAGE_OPTIONS = {"network", "finetune", "io"}
 FAMILIES = {"bspline": lambda image, rng: random_bspline_transform(image, rng, 6.0),
             "large": large_deformation_transform, "velocity": velocity_field_transform}
@@ -72,7 +74,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
             options[key] = bool(int(value))
         elif key in known:
             type_name = str(getattr(known[key], "__name__", known[key])).removesuffix(" | None")
-            kind = {"float": float, "int": int, "str": str}[type_name]
+            kind = {"float": float, "int": int, "str": str, "bool": lambda text: bool(int(text))}[type_name]
             settings[key] = kind(value)
         else:
             raise SystemExit(f"unknown setting {key!r} in variant {text!r}")

@@ -94,6 +94,14 @@ def test_the_similarity_of_instance_optimisation_is_chosen_on_the_command_line(t
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_bias_field_of_instance_optimisation_is_switched_on_the_command_line(tmp_path, inputs):
+    for flag, expected in (("--optimisation-bias-field", True), ("--no-optimisation-bias-field", False)):
+        output = tmp_path / flag
+        args = _register_args(inputs, output, "--no-qa", "--no-network", flag, "--optimisation-iterations", "2")
+        assert cli.main(args) == 0
+        assert json.loads((output / "metrics.json").read_text())["instance_optimisation"]["bias_field"] is expected
+
+
 def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     output = tmp_path / "result"
     args = _register_args(inputs, output, "--reference-mask", str(inputs["reference_mask"]),

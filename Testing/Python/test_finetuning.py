@@ -217,7 +217,10 @@ def test_backward_features_of_the_tuned_slices_alone_give_the_same_result(loaded
 def test_finetuning_lowers_the_field_error_of_a_real_pair_across_contrasts(data_dir, seed):
     """Abdominal MR moved by a known B-spline and remapped in contrast: finetuning must clearly
     improve on the network alone. With the adversarial term in (the weights before issue 12) it
-    did not: 1.35 -> 1.42 mm (seed 1) and 1.99 -> 1.97 mm (seed 3), against 1.13 and 1.67 mm now."""
+    did not: 1.35 -> 1.42 mm (seed 1) and 1.99 -> 1.97 mm (seed 3). At training's smoothness
+    weight (0.5) it reached 1.13 and 1.67 mm; at finetuning's 0.05, which leaves no pair of other
+    deformation families worse than the network alone (benchmarks/results/finetuning_families.md),
+    1.17 and 1.84 mm: on these B-splines, the network's own family, smoothing had helped."""
     from SARRegistrationLib.evaluation import evaluate_known_deformations
     from SARRegistrationLib.model import default_weights_path
 
@@ -227,7 +230,7 @@ def test_finetuning_lowers_the_field_error_of_a_real_pair_across_contrasts(data_
                                              finetune=finetune, instance_optimisation=False)
         return row["field_error_mm"]["after"]
 
-    assert field_error(True) < 0.9 * field_error(False)
+    assert field_error(True) < 0.95 * field_error(False)
 
 
 def test_the_iterate_of_lowest_loss_is_kept(loaded_model, real_pair):

@@ -47,9 +47,11 @@ def test_defaults_follow_the_images_dimension_and_explicit_settings_win(read_tes
     for ndims, similarity in ((2, "nmi+mind"), (3, "nmi")):
         resolved = OptimisationSettings().for_dimension(ndims)
         assert resolved.similarity == similarity and resolved.iterations == DIMENSION_DEFAULTS[ndims]["iterations"]
+        assert resolved.bias_field is (ndims == 3)  # in 2D it broke the time target (DIMENSION_DEFAULTS)
         assert OptimisationSettings(similarity="mind", iterations=7).for_dimension(ndims).similarity == "mind"
     volume = sitk.Cast(sitk.Shrink(read_test_image("brain3d_t1.nii.gz"), [8, 8, 4]), sitk.sitkFloat32)
-    assert register(volume, volume, device="cpu").metrics["instance_optimisation"]["similarity"] == "nmi"
+    summary = register(volume, volume, device="cpu").metrics["instance_optimisation"]
+    assert summary["similarity"] == "nmi" and summary["bias_field"] is True
 
 
 def test_fine_voxels_take_steps_of_at_most_one_voxel(lung_pair):
@@ -85,8 +87,10 @@ def test_starting_field_is_kept_when_the_residual_cannot_improve_it(lung_pair):
     reference, floating, _ = lung_pair
     fixed = torch.from_numpy(sitk.GetArrayFromImage(reference))[None, None] / 255
     start = torch.full((1, 2, *fixed.shape[2:]), 0.25)
-    # No step at all (learning rate 0): the residual stays zero and so cannot lower the objective.
-    result = optimise_residual(fixed, fixed, start, OptimisationSettings(learning_rate=0.0, iterations=2))
+    # No step at all (learning rate 0): the residual stays zero and so cannot lower the objective
+    # (nor can the bias field, which is off: its steps do not follow the learning rate in mm).
+    result = optimise_residual(fixed, fixed, start, OptimisationSettings(learning_rate=0.0, iterations=2,
+                                                                         bias_field=False))
     assert result.kept_initial and torch.equal(result.displacement, start)
 
 
@@ -155,6 +159,8 @@ def test_bad_settings_are_refused(lung_pair):
         OptimisationSettings(similarity="ncc").check()
     with pytest.raises(SettingsError, match="mind samples"):
         OptimisationSettings(mind_samples=0).check()
+    with pytest.raises(SettingsError, match="bias field setting must be True or False"):
+        OptimisationSettings(bias_field="yes").check()
 
 
 @pytest.mark.parametrize("similarity, largest_error", [("nmi", 0.2), ("nmi+mind", 0.2), ("mind", 0.75)])
@@ -171,6 +177,26 @@ def test_every_similarity_recovers_a_known_field_across_a_contrast_change(lung_p
     applied = _applied_field(transform, reference)
     error = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
     assert error < largest_error * np.linalg.norm(applied, axis=-1).mean()
+
+
+def test_the_bias_field_keeps_nmi_on_the_anatomy_under_an_intensity_gain(lung_pair):
+    """The lung pair with the reference darkened from one side to the other (a gain from 0.45 to
+    1.55 across the image, as a coil's bias field): the field of NMI alone bends to explain the
+    gain; estimating the floating image's gain with the field keeps it on the anatomy."""
+    reference, floating, transform = lung_pair
+    array = sitk.GetArrayFromImage(reference)
+    unit = (array - array.min()) / (array.max() - array.min())
+    gain = np.linspace(0.45, 1.55, array.shape[1])[None, :]
+    biased = sitk.GetImageFromArray((unit * gain).astype(np.float32))
+    biased.CopyInformation(reference)
+    applied = _applied_field(transform, reference)
+    errors = {}
+    for bias_field in (False, True):
+        result = register(biased, floating, device="cpu", optimisation_similarity="nmi",
+                          optimisation_bias_field=bias_field)
+        assert result.metrics["instance_optimisation"]["bias_field"] is bias_field
+        errors[bias_field] = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
+    assert errors[True] < 0.5 * errors[False], errors
 
 
 def test_adam_matches_torch_adam():

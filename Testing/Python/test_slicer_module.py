@@ -1000,7 +1000,7 @@ def test_defaults_are_the_engines(module, logic):
     settings = OptimisationSettings()
     assert (module.decisions.engineIterations(parameters.optimisationIterations),
             parameters.optimisationLevels) == (settings.iterations, settings.levels)
-    assert parameters.smoothness == LossWeights().smoothness
+    assert parameters.smoothness == LossWeights().for_finetuning().smoothness
     assert (parameters.maxIterations, parameters.tolerance, parameters.finetune, parameters.instanceOptimisation,
             parameters.affine) == (engine["max_iterations"].default, engine["tolerance"].default,
                                    engine["finetune"].default, engine["instance_optimisation"].default,
@@ -1221,6 +1221,9 @@ def test_measures_are_tabulated(module):
     optimised = module.SARRegistrationLogic.metricsRows({"instance_optimisation": {
         "levels": 3, "iterations": 120, "seconds": 0.21, "similarity": "nmi+mind"}})
     assert optimised == [("Instance optimisation", "", "3 levels, 120 iterations, 0.2 s, NMI + MIND-SSC")]
+    with_bias = module.SARRegistrationLogic.metricsRows({"instance_optimisation": {
+        "levels": 3, "iterations": 240, "seconds": 2.0, "similarity": "nmi", "bias_field": True}})
+    assert with_bias == [("Instance optimisation", "", "3 levels, 240 iterations, 2.0 s, NMI with a bias field")]
     declined = module.SARRegistrationLogic.metricsRows({**metrics, "finetuning_declined": True})
     assert ("Finetuning", "", "network's own field kept (the tuned one matched the images no better)") in declined
 
