@@ -172,9 +172,10 @@ class SARMethod(Method):
     def __init__(self, key: str, label: str, weights, ndims: int, *, finetune: bool = True,
                  instance_optimisation: bool = True, network: bool = True, mode: str = "auto",
                  max_iterations: int = 100, optimisation_iterations: int | None = None, device: str = "auto",
-                 similarity: str | None = None):
+                 similarity: str | None = None, bias_field: bool | None = None):
         self.key, self.label = key, label
         self.similarity = similarity  # instance optimisation's image similarity; None: the engine's default
+        self.bias_field = bias_field  # whether it estimates a bias field; None: the engine's default
         self.weights = None if weights is None else Path(weights)
         self.ndims, self.mode = ndims, mode
         self.network, self.finetune, self.instance_optimisation = network, finetune and network, instance_optimisation
@@ -189,6 +190,8 @@ class SARMethod(Method):
             keywords["optimisation_iterations"] = self.optimisation_iterations
         if self.similarity is not None:
             keywords["optimisation_similarity"] = self.similarity
+        if self.bias_field is not None:
+            keywords["optimisation_bias_field"] = self.bias_field
         return keywords
 
     def prepare(self) -> None:
@@ -224,6 +227,7 @@ class SARMethod(Method):
         if self.instance_optimisation:
             settings["optimisation_iterations"] = self.optimisation_iterations or "engine default"
             settings["optimisation_similarity"] = self.similarity or "engine default"
+            settings["optimisation_bias_field"] = "engine default" if self.bias_field is None else self.bias_field
         return settings
 
 

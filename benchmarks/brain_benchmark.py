@@ -556,6 +556,10 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
     other_similarity = {2: ("sar_nmi", "nmi", "NMI alone"), 3: ("sar_mind", "nmi+mind", "NMI + MIND-SSC")}[ndims]
     methods.append(baselines.SARMethod(other_similarity[0], f"SAR instance optimisation alone, {other_similarity[2]}",
                                        None, ndims, network=False, similarity=other_similarity[1], **common))
+    # And the bias-field setting that is not the default (OptimisationSettings.bias_field).
+    other_bias = {2: ("sar_bias", True, "with a bias field"), 3: ("sar_nobias", False, "no bias field")}[ndims]
+    methods.append(baselines.SARMethod(other_bias[0], f"SAR instance optimisation alone, {other_bias[2]}",
+                                       None, ndims, network=False, bias_field=other_bias[1], **common))
     for suffix, name, network_ndims, mode in SAR_VARIANTS[ndims]:
         methods += sar_rows(suffix, name, weights[network_ndims][0], weights[network_ndims][1], network_ndims, mode,
                             **common)
@@ -576,7 +580,7 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
     return methods
 
 
-METHOD_KEYS = ("before", "sar", "sar_nmi", "sar_mind", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
+METHOD_KEYS = ("before", "sar", "sar_nmi", "sar_mind", "sar_bias", "sar_nobias", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
                "sar_finetune_volume", "sar_full_volume", "sar_noseg_volume", "elastix", "ants", "greedy", "convexadam",
                "voxelmorph", "voxelmorph_volume")
 
