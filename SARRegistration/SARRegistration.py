@@ -192,6 +192,21 @@ class NetworkUse(enum.Enum):
         return {NetworkUse.AUTO: None, NetworkUse.ON: True, NetworkUse.OFF: False}[self]
 
 
+class BiasFieldUse(enum.Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    def label(self) -> str:
+        return {BiasFieldUse.AUTO: _("For volumes, not for single slices (the engine's default)"),
+                BiasFieldUse.ON: _("Always"),
+                BiasFieldUse.OFF: _("Never")}[self]
+
+    def engineValue(self) -> bool | None:
+        """The engine's ``optimisation_bias_field=``: None lets it decide (on in 3D, off in 2D)."""
+        return {BiasFieldUse.AUTO: None, BiasFieldUse.ON: True, BiasFieldUse.OFF: False}[self]
+
+
 class RegistrationPreset(enum.Enum):
     ACCURATE = "accurate"
     FAST = "fast"
@@ -234,6 +249,7 @@ class SARRegistrationParameterNode:
     instanceOptimisation: bool = True
     optimisationIterations: Annotated[int, WithinRange(0, 10000)] = decisions.AUTO_ITERATIONS
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
+    biasField: BiasFieldUse = BiasFieldUse.AUTO
     weightsPath: str = ""
     ignoreMask: StructureNode
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -485,7 +501,8 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tolerance=parameters.tolerance, smoothness=parameters.smoothness,
                 instanceOptimisation=parameters.instanceOptimisation,
                 optimisationIterations=decisions.engineIterations(parameters.optimisationIterations),
-                optimisationLevels=parameters.optimisationLevels, weightsPath=parameters.weightsPath or None,
+                optimisationLevels=parameters.optimisationLevels,
+                optimisationBiasField=parameters.biasField.engineValue(), weightsPath=parameters.weightsPath or None,
                 computeInverse=parameters.computeInverse, computeJacobian=parameters.computeJacobian,
                 warpedVolume=parameters.warpedVolume, transform=parameters.transform,
                 inverseTransform=parameters.inverseTransform, jacobianVolume=parameters.jacobianVolume,
@@ -969,6 +986,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                  finetune: bool = True, maxIterations: int = 100, tolerance: float = 1e-4,
                  smoothness: float | None = None, instanceOptimisation: bool = True,
                  optimisationIterations: int | None = None, optimisationLevels: int | None = None,
+                 optimisationBiasField: bool | None = None,
                  weightsPath=None, model=None, computeInverse: bool = False, computeJacobian: bool = False,
                  warpedVolume=None, transform=None, inverseTransform=None, jacobianVolume=None,
                  referenceMaskSegmentation=None, floatingMaskSegmentation=None, warpedSegmentation=None,
@@ -1002,7 +1020,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 or None, the engine's default, which runs it only when ``weightsPath`` or ``model``
                 is given (instance optimisation from the identity otherwise).
             affine, finetune, maxIterations, tolerance, smoothness, instanceOptimisation,
-                optimisationIterations, optimisationLevels: as in the engine's ``register``
+                optimisationIterations, optimisationLevels, optimisationBiasField: as in the engine's ``register``
                 (None keeps the engine's default).
             weightsPath: a SAR weights file; None takes the shipped weights. ``model``, a loaded
                 ``SARRegistrationLib.SARModel``, overrides it.
@@ -1057,7 +1075,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def _prepare(self, referenceVolume, floatingVolume, referenceStructure, floatingStructure, *, ignoreMask,
                  initialTransform, referenceLandmarks, floatingLandmarks, mode, device, affine, network, finetune,
                  maxIterations, tolerance, smoothness, instanceOptimisation, optimisationIterations,
-                 optimisationLevels, weightsPath, model, computeInverse, computeJacobian, warpedVolume, transform,
+                 optimisationLevels, optimisationBiasField, weightsPath, model, computeInverse, computeJacobian, warpedVolume, transform,
                  inverseTransform, jacobianVolume, referenceMaskSegmentation, floatingMaskSegmentation,
                  warpedSegmentation) -> _PreparedRun:
         """Check the inputs and read everything the run needs from the scene (main thread)."""
@@ -1092,7 +1110,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         engineOptions = {"mode": mode, "device": device, "affine": affine, "network": network, "finetune": finetune,
                          "max_iterations": maxIterations, "tolerance": tolerance, "smoothness": smoothness,
                          "instance_optimisation": instanceOptimisation,
-                         "optimisation_iterations": optimisationIterations, "optimisation_levels": optimisationLevels}
+                         "optimisation_iterations": optimisationIterations, "optimisation_levels": optimisationLevels,
+                         "optimisation_bias_field": optimisationBiasField}
         settings = {**engineOptions, "weights": None if weightsPath is None else str(weightsPath),
                     "initial_transform": initialTransform.GetName() if initialTransform is not None else None,
                     "compute_inverse": computeInverse, "compute_jacobian": computeJacobian}

@@ -850,6 +850,17 @@ def test_initial_transform_starts_the_registration_and_is_part_of_the_output(sce
         logic.register(reference, floating, initialTransform=bent, **options)
 
 
+def test_the_bias_field_setting_reaches_the_engine(scene, logic, module, pair_3d):
+    """The panel's bias-field choice: the engine's default estimates one for a volume; "never" does not."""
+    reference, floating = pair_3d
+    for choice, expected in ((module.BiasFieldUse.AUTO, True), (module.BiasFieldUse.OFF, False)):
+        result = logic.register(reference, floating, network=False, optimisationIterations=3, device="cpu",
+                                optimisationBiasField=choice.engineValue())
+        assert result.metrics["instance_optimisation"]["bias_field"] is expected
+        assert result.record["settings"]["optimisation_bias_field"] is choice.engineValue()
+    assert [choice.engineValue() for choice in module.BiasFieldUse] == [None, True, False]
+
+
 def test_without_the_network_there_are_no_sar_masks(scene, logic, pair_3d):
     reference, floating = pair_3d
     result = logic.register(reference, floating, network=False, optimisationIterations=5, device="cpu")
@@ -991,11 +1002,13 @@ def test_defaults_are_the_engines(module, logic):
                               ("tolerance", "tolerance"), ("smoothness", "smoothness"),
                               ("instance_optimisation", "instanceOptimisation"),
                               ("optimisation_iterations", "optimisationIterations"),
-                              ("optimisation_levels", "optimisationLevels")):
+                              ("optimisation_levels", "optimisationLevels"),
+                              ("optimisation_bias_field", "optimisationBiasField")):
         assert mine[name].default == engine[engine_name].default, name
     parameters = module.SARRegistrationParameterNode
     assert parameters.mode is module.RegistrationMode.AUTO and parameters.device is module.ComputeDevice.AUTO
     assert parameters.network.engineValue() is engine["network"].default
+    assert parameters.biasField.engineValue() is engine["optimisation_bias_field"].default
     assert parameters.preset is module.RegistrationPreset.ACCURATE
     settings = OptimisationSettings()
     assert (module.decisions.engineIterations(parameters.optimisationIterations),
