@@ -177,7 +177,16 @@ class ComputeDevice(enum.Enum):
                 ComputeDevice.CPU: _("CPU")}[self]
 
 
-class NetworkUse(enum.Enum):
+class _EngineSwitch(enum.Enum):
+    """A switch whose "auto" lets the engine decide: its ``engineValue`` is None, True or False."""
+
+    def engineValue(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.value]
+
+
+class NetworkUse(_EngineSwitch):
+    """The engine's ``network=``; auto: the network runs when weights are given."""
+
     AUTO = "auto"
     ON = "on"
     OFF = "off"
@@ -187,12 +196,10 @@ class NetworkUse(enum.Enum):
                 NetworkUse.ON: _("Always (the shipped weights by default)"),
                 NetworkUse.OFF: _("Never: instance optimisation alone")}[self]
 
-    def engineValue(self) -> bool | None:
-        """The engine's ``network=``: None lets it decide (the network runs when weights are given)."""
-        return {NetworkUse.AUTO: None, NetworkUse.ON: True, NetworkUse.OFF: False}[self]
 
+class BiasFieldUse(_EngineSwitch):
+    """The engine's ``optimisation_bias_field=``; auto: on for volumes, off for single slices."""
 
-class BiasFieldUse(enum.Enum):
     AUTO = "auto"
     ON = "on"
     OFF = "off"
@@ -201,10 +208,6 @@ class BiasFieldUse(enum.Enum):
         return {BiasFieldUse.AUTO: _("For volumes, not for single slices (the engine's default)"),
                 BiasFieldUse.ON: _("Always"),
                 BiasFieldUse.OFF: _("Never")}[self]
-
-    def engineValue(self) -> bool | None:
-        """The engine's ``optimisation_bias_field=``: None lets it decide (on in 3D, off in 2D)."""
-        return {BiasFieldUse.AUTO: None, BiasFieldUse.ON: True, BiasFieldUse.OFF: False}[self]
 
 
 class RegistrationPreset(enum.Enum):
