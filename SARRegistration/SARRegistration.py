@@ -1078,9 +1078,9 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def _prepare(self, referenceVolume, floatingVolume, referenceStructure, floatingStructure, *, ignoreMask,
                  initialTransform, referenceLandmarks, floatingLandmarks, mode, device, affine, network, finetune,
                  maxIterations, tolerance, smoothness, instanceOptimisation, optimisationIterations,
-                 optimisationLevels, optimisationBiasField, weightsPath, model, computeInverse, computeJacobian, warpedVolume, transform,
-                 inverseTransform, jacobianVolume, referenceMaskSegmentation, floatingMaskSegmentation,
-                 warpedSegmentation) -> _PreparedRun:
+                 optimisationLevels, optimisationBiasField, weightsPath, model, computeInverse, computeJacobian,
+                 warpedVolume, transform, inverseTransform, jacobianVolume, referenceMaskSegmentation,
+                 floatingMaskSegmentation, warpedSegmentation) -> _PreparedRun:
         """Check the inputs and read everything the run needs from the scene (main thread)."""
         if self._activeRun is not None:  # one run at a time: they would share the loaded model
             raise RuntimeError(_("A registration is already running: wait for it to end, or cancel it."))

@@ -234,7 +234,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     with torch.no_grad():
         residual = residual.detach() * step_voxels
         final_loss = float(_objective(finest, initial, residual, evaluation_points, settings, use_masks, shape,
-                                      None if log_gain is None else log_gain.detach() * BIAS_FIELD_STEP))
+                                      None if log_gain is None else log_gain * BIAS_FIELD_STEP))
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
         if final_loss >= start_loss:

@@ -363,9 +363,9 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
     ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
     result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
+    resolved = settings.for_dimension(fixed.dim() - 2)
     summary = {"levels": settings.levels, "iterations": result.iterations,
-               "similarity": settings.for_dimension(fixed.dim() - 2).similarity,
-               "bias_field": settings.for_dimension(fixed.dim() - 2).bias_field,
+               "similarity": resolved.similarity, "bias_field": resolved.bias_field,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,
                "losses": [round(loss, 5) for loss in result.losses]}

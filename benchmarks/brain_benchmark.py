@@ -68,6 +68,12 @@ OPTIONAL_PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "itk-elastix", "itk
 # mode "auto" with the 2D weights (the network slice-wise, instance optimisation in full 3D), and
 # the 3D network on the whole volume when 3D weights exist.
 DEFAULT_LABEL = "SARRegistration default: instance optimisation (no network)"
+# The default with one setting that the dimension does not choose by default (OptimisationSettings
+# .similarity, .bias_field), to show what that choice gives: (key, label, SARMethod switches).
+OTHER_CHOICES = {2: (("sar_nmi", "NMI alone", {"similarity": "nmi"}),
+                     ("sar_bias", "with a bias field", {"bias_field": True})),
+                 3: (("sar_mind", "NMI + MIND-SSC", {"similarity": "nmi+mind"}),
+                     ("sar_nobias", "no bias field", {"bias_field": False}))}
 SAR_VARIANTS = {2: (("", "SAR", 2, "auto"),),
                 3: (("", "SAR", 2, "auto"), ("_volume", "SAR 3D volume", 3, "volume"))}
 # VoxelMorph rows: (key, label, network dimension, mode); 2D weights on a volume run slice-wise.
@@ -552,14 +558,8 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
               "device": args.device}
     # The default pipeline first: register() with its defaults runs instance optimisation alone.
     methods = [baselines.Before(), baselines.SARMethod("sar", DEFAULT_LABEL, None, ndims, network=False, **common)]
-    # The similarity that is not the default in this dimension (see OptimisationSettings.similarity).
-    other_similarity = {2: ("sar_nmi", "nmi", "NMI alone"), 3: ("sar_mind", "nmi+mind", "NMI + MIND-SSC")}[ndims]
-    methods.append(baselines.SARMethod(other_similarity[0], f"SAR instance optimisation alone, {other_similarity[2]}",
-                                       None, ndims, network=False, similarity=other_similarity[1], **common))
-    # And the bias-field setting that is not the default (OptimisationSettings.bias_field).
-    other_bias = {2: ("sar_bias", True, "with a bias field"), 3: ("sar_nobias", False, "no bias field")}[ndims]
-    methods.append(baselines.SARMethod(other_bias[0], f"SAR instance optimisation alone, {other_bias[2]}",
-                                       None, ndims, network=False, bias_field=other_bias[1], **common))
+    methods += [baselines.SARMethod(key, f"SAR instance optimisation alone, {label}", None, ndims, network=False,
+                                    **switches, **common) for key, label, switches in OTHER_CHOICES[ndims]]
     for suffix, name, network_ndims, mode in SAR_VARIANTS[ndims]:
         methods += sar_rows(suffix, name, weights[network_ndims][0], weights[network_ndims][1], network_ndims, mode,
                             **common)
