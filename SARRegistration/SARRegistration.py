@@ -177,14 +177,7 @@ class ComputeDevice(enum.Enum):
                 ComputeDevice.CPU: _("CPU")}[self]
 
 
-class _EngineSwitch(enum.Enum):
-    """A switch whose "auto" lets the engine decide: its ``engineValue`` is None, True or False."""
-
-    def engineValue(self) -> bool | None:
-        return {"auto": None, "on": True, "off": False}[self.value]
-
-
-class NetworkUse(_EngineSwitch):
+class NetworkUse(enum.Enum):
     """The engine's ``network=``; auto: the network runs when weights are given."""
 
     AUTO = "auto"
@@ -196,18 +189,8 @@ class NetworkUse(_EngineSwitch):
                 NetworkUse.ON: _("Always (the shipped weights by default)"),
                 NetworkUse.OFF: _("Never: instance optimisation alone")}[self]
 
-
-class BiasFieldUse(_EngineSwitch):
-    """The engine's ``optimisation_bias_field=``; auto: on for volumes, off for single slices."""
-
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
-
-    def label(self) -> str:
-        return {BiasFieldUse.AUTO: _("For volumes, not for single slices (the engine's default)"),
-                BiasFieldUse.ON: _("Always"),
-                BiasFieldUse.OFF: _("Never")}[self]
+    def engineValue(self) -> bool | None:
+        return {NetworkUse.AUTO: None, NetworkUse.ON: True, NetworkUse.OFF: False}[self]
 
 
 class RegistrationPreset(enum.Enum):
@@ -252,7 +235,7 @@ class SARRegistrationParameterNode:
     instanceOptimisation: bool = True
     optimisationIterations: Annotated[int, WithinRange(0, 10000)] = decisions.AUTO_ITERATIONS
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
-    biasField: BiasFieldUse = BiasFieldUse.AUTO
+    biasField: bool = True
     weightsPath: str = ""
     ignoreMask: StructureNode
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -505,7 +488,7 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 instanceOptimisation=parameters.instanceOptimisation,
                 optimisationIterations=decisions.engineIterations(parameters.optimisationIterations),
                 optimisationLevels=parameters.optimisationLevels,
-                optimisationBiasField=parameters.biasField.engineValue(), weightsPath=parameters.weightsPath or None,
+                optimisationBiasField=parameters.biasField, weightsPath=parameters.weightsPath or None,
                 computeInverse=parameters.computeInverse, computeJacobian=parameters.computeJacobian,
                 warpedVolume=parameters.warpedVolume, transform=parameters.transform,
                 inverseTransform=parameters.inverseTransform, jacobianVolume=parameters.jacobianVolume,

@@ -137,8 +137,7 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
                              "for at most 10%% lower error on the tuning pairs)")
     parser.add_argument("--optimisation-bias-field", action=argparse.BooleanOptionalAction,
                         help="instance optimisation: optimise a smooth intensity gain of the floating image with "
-                             "the field, so that NMI holds under an MR bias field (default: on in 3D; off in 2D, "
-                             "where it adds about a sixth to the time)")
+                             "the field, so that NMI holds under an MR bias field (default: on)")
     parser.add_argument("--network", action=argparse.BooleanOptionalAction,
                         help="start from the network's (finetuned) field and write SAR's masks (default: only "
                              "when --weights is given: instance optimisation from the identity was as accurate "

@@ -29,7 +29,7 @@ def _entropy(probabilities: torch.Tensor, dims) -> torch.Tensor:
 
 
 def _parzen_weights(values: torch.Tensor, bins: int, sigma_ratio: float) -> torch.Tensor:
-    """Soft bin memberships ``(B, N, bins)`` of ``values`` ``(B, N)`` in [0, 1].
+    """Soft bin memberships ``(B, N, bins)`` of ``values`` ``(B, N)`` in [0, 1] (values outside count as its ends).
 
     Bin ``k`` is centred at ``(k + 0.5) / bins``, the centres of ``np.histogram``'s bins on
     [0, 1]. Each voxel's memberships sum to one, so the histogram keeps unit mass; ``softmax``
@@ -37,11 +37,12 @@ def _parzen_weights(values: torch.Tensor, bins: int, sigma_ratio: float) -> torc
     """
     centres = (torch.arange(bins, device=values.device, dtype=values.dtype) + 0.5) / bins
     sigma = sigma_ratio / bins
-    return torch.softmax(-(values.unsqueeze(-1) - centres) ** 2 / (2 * sigma ** 2), dim=-1)
+    return torch.softmax(-(values.clamp(0, 1).unsqueeze(-1) - centres) ** 2 / (2 * sigma ** 2), dim=-1)
 
 
 def _linear_memberships(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two bins each value of ``(B, N)`` in [0, 1] falls between, and its weight on the lower one.
+    """The two bins each value of ``(B, N)`` in [0, 1] falls between, and its weight on the lower one
+    (values outside count as its ends).
 
     A triangular (first-order B-spline) Parzen window over the bin centres ``(k + 0.5) / bins``:
     the weights sum to one and are linear in the value, so they carry its gradient.

@@ -133,8 +133,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             level, resolution levels and image similarity ("nmi", "nmi+mind" or "mind"; default:
             :class:`OptimisationSettings`: NMI with MIND-SSC in 2D, NMI alone in 3D).
         optimisation_bias_field: optimise a smooth intensity gain of the floating image with the
-            field, so that NMI holds under an MR bias field (default: on in 3D, off in 2D: see
-            ``instance_optimisation.DIMENSION_DEFAULTS``).
+            field, so that NMI holds under an MR bias field (default: :class:`OptimisationSettings`'s, on).
         network: start from the network's (finetuned) field and give SAR's masks. By default
             (None) only when a ``model`` or ``weights`` is given: on the benchmark, instance
             optimisation from the identity was as accurate as from the network's field in 2D and

@@ -68,12 +68,11 @@ OPTIONAL_PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "itk-elastix", "itk
 # mode "auto" with the 2D weights (the network slice-wise, instance optimisation in full 3D), and
 # the 3D network on the whole volume when 3D weights exist.
 DEFAULT_LABEL = "SARRegistration default: instance optimisation (no network)"
-# The default with one setting that the dimension does not choose by default (OptimisationSettings
-# .similarity, .bias_field), to show what that choice gives: (key, label, SARMethod switches).
-OTHER_CHOICES = {2: (("sar_nmi", "NMI alone", {"similarity": "nmi"}),
-                     ("sar_bias", "with a bias field", {"bias_field": True})),
-                 3: (("sar_mind", "NMI + MIND-SSC", {"similarity": "nmi+mind"}),
-                     ("sar_nobias", "no bias field", {"bias_field": False}))}
+# The default with one setting changed (OptimisationSettings.similarity, whose default depends on
+# the dimension, and .bias_field), to show what each choice gives: (key, label, SARMethod switches).
+NO_BIAS_FIELD = ("sar_nobias", "no bias field", {"bias_field": False})
+OTHER_CHOICES = {2: (("sar_nmi", "NMI alone", {"similarity": "nmi"}), NO_BIAS_FIELD),
+                 3: (("sar_mind", "NMI + MIND-SSC", {"similarity": "nmi+mind"}), NO_BIAS_FIELD)}
 SAR_VARIANTS = {2: (("", "SAR", 2, "auto"),),
                 3: (("", "SAR", 2, "auto"), ("_volume", "SAR 3D volume", 3, "volume"))}
 # VoxelMorph rows: (key, label, network dimension, mode); 2D weights on a volume run slice-wise.
@@ -580,7 +579,7 @@ def build_methods(group: Group, args) -> list[baselines.Method]:
     return methods
 
 
-METHOD_KEYS = ("before", "sar", "sar_nmi", "sar_mind", "sar_bias", "sar_nobias", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
+METHOD_KEYS = ("before", "sar", "sar_nmi", "sar_mind", "sar_nobias", "sar_network", "sar_finetune", "sar_full", "sar_noseg", "sar_network_volume",
                "sar_finetune_volume", "sar_full_volume", "sar_noseg_volume", "elastix", "ants", "greedy", "convexadam",
                "voxelmorph", "voxelmorph_volume")
 

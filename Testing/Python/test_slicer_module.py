@@ -851,14 +851,14 @@ def test_initial_transform_starts_the_registration_and_is_part_of_the_output(sce
 
 
 def test_the_bias_field_setting_reaches_the_engine(scene, logic, module, pair_3d):
-    """The panel's bias-field choice: the engine's default estimates one for a volume; "never" does not."""
+    """The panel's bias-field box: ticked (the default) estimates one; unticked does not."""
     reference, floating = pair_3d
-    for choice, expected in ((module.BiasFieldUse.AUTO, True), (module.BiasFieldUse.OFF, False)):
+    assert module.SARRegistrationParameterNode.biasField is True
+    for ticked in (True, False):
         result = logic.register(reference, floating, network=False, optimisationIterations=3, device="cpu",
-                                optimisationBiasField=choice.engineValue())
-        assert result.metrics["instance_optimisation"]["bias_field"] is expected
-        assert result.record["settings"]["optimisation_bias_field"] is choice.engineValue()
-    assert [choice.engineValue() for choice in module.BiasFieldUse] == [None, True, False]
+                                optimisationBiasField=ticked)
+        assert result.metrics["instance_optimisation"]["bias_field"] is ticked
+        assert result.record["settings"]["optimisation_bias_field"] is ticked
 
 
 def test_without_the_network_there_are_no_sar_masks(scene, logic, pair_3d):
@@ -1008,11 +1008,10 @@ def test_defaults_are_the_engines(module, logic):
     parameters = module.SARRegistrationParameterNode
     assert parameters.mode is module.RegistrationMode.AUTO and parameters.device is module.ComputeDevice.AUTO
     assert parameters.network.engineValue() is engine["network"].default
-    assert parameters.biasField.engineValue() is engine["optimisation_bias_field"].default
     assert parameters.preset is module.RegistrationPreset.ACCURATE
     settings = OptimisationSettings()
-    assert (module.decisions.engineIterations(parameters.optimisationIterations),
-            parameters.optimisationLevels) == (settings.iterations, settings.levels)
+    assert (module.decisions.engineIterations(parameters.optimisationIterations), parameters.optimisationLevels,
+            parameters.biasField) == (settings.iterations, settings.levels, settings.bias_field)
     assert parameters.smoothness == LossWeights().for_finetuning().smoothness
     assert (parameters.maxIterations, parameters.tolerance, parameters.finetune, parameters.instanceOptimisation,
             parameters.affine) == (engine["max_iterations"].default, engine["tolerance"].default,

@@ -12,7 +12,7 @@ def test_speed_benchmark_writes_its_table(tmp_path):
     markdown = (output / "speed.md").read_text()
     saved = json.loads((output / "speed.json").read_text())
     expected = [f"{image}, {pipeline}" for ndims, image in ((2, "2D 32×32"), (3, "3D 16×16×16"))
-                for pipeline in (*speed.PIPELINES, speed.FRESH_PROCESS, speed.OTHER_BIAS_FIELD[ndims][0], speed.ELASTIX)]
+                for pipeline in (*speed.PIPELINES, speed.FRESH_PROCESS, speed.NO_BIAS_FIELD[0], speed.ELASTIX)]
     assert [row["case"] for row in saved["rows"]] == expected
     assert all(f"| {case} |" in markdown for case in expected)
     timed = [row for row in saved["rows"] if row["pipeline"] != speed.ELASTIX]
