@@ -118,6 +118,18 @@ def test_nmi_mask_selects_voxels(pd_t1):
     assert abs(masked - everything) > 0.01
 
 
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_nmi_counts_intensities_outside_the_unit_range_at_its_ends(pd_t1, kernel):
+    """Instance optimisation's bias field can push intensities past 1 (times ``1 + g``): both
+    Parzen windows must put them in the end bins, as if clipped, not lose or spread their mass."""
+    pd, t1 = pd_t1
+    pushed = t1 * 1.5 - 0.2  # past both ends
+    nmi = losses.normalised_mutual_information(_tensor(pd), _tensor(pushed), kernel=kernel).item()
+    clipped = losses.normalised_mutual_information(_tensor(pd), _tensor(np.clip(pushed, 0, 1)), kernel=kernel).item()
+    assert nmi == pytest.approx(clipped, abs=1e-6)
+    assert abs(clipped - losses.normalised_mutual_information(_tensor(pd), _tensor(t1), kernel=kernel).item()) > 0.01
+
+
 # --- SSIM --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
