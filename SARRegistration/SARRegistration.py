@@ -193,6 +193,23 @@ class NetworkUse(enum.Enum):
         return {NetworkUse.AUTO: None, NetworkUse.ON: True, NetworkUse.OFF: False}[self]
 
 
+class ImageSimilarity(enum.Enum):
+    """The engine's ``optimisation_similarity=``; auto: the engine's choice for the images' dimension."""
+
+    AUTO = "auto"
+    NMI_MIND = "nmi+mind"
+    NMI = "nmi"
+    MIND = "mind"
+
+    def label(self) -> str:
+        return {ImageSimilarity.AUTO: _("Automatic (NMI + MIND-SSC for slices, NMI for volumes)"),
+                ImageSimilarity.NMI_MIND: _("NMI + MIND-SSC"), ImageSimilarity.NMI: _("NMI alone"),
+                ImageSimilarity.MIND: _("MIND-SSC alone")}[self]
+
+    def engineValue(self) -> str | None:
+        return None if self is ImageSimilarity.AUTO else self.value
+
+
 class RegistrationPreset(enum.Enum):
     ACCURATE = "accurate"
     FAST = "fast"
@@ -236,6 +253,7 @@ class SARRegistrationParameterNode:
     optimisationIterations: Annotated[int, WithinRange(0, 10000)] = decisions.AUTO_ITERATIONS
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
     biasField: bool = True
+    similarity: ImageSimilarity = ImageSimilarity.AUTO
     weightsPath: str = ""
     ignoreMask: StructureNode
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -488,7 +506,8 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 instanceOptimisation=parameters.instanceOptimisation,
                 optimisationIterations=decisions.engineIterations(parameters.optimisationIterations),
                 optimisationLevels=parameters.optimisationLevels,
-                optimisationBiasField=parameters.biasField, weightsPath=parameters.weightsPath or None,
+                optimisationBiasField=parameters.biasField,
+                optimisationSimilarity=parameters.similarity.engineValue(), weightsPath=parameters.weightsPath or None,
                 computeInverse=parameters.computeInverse, computeJacobian=parameters.computeJacobian,
                 warpedVolume=parameters.warpedVolume, transform=parameters.transform,
                 inverseTransform=parameters.inverseTransform, jacobianVolume=parameters.jacobianVolume,
@@ -972,7 +991,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                  finetune: bool = True, maxIterations: int = 100, tolerance: float = 1e-4,
                  smoothness: float | None = None, instanceOptimisation: bool = True,
                  optimisationIterations: int | None = None, optimisationLevels: int | None = None,
-                 optimisationBiasField: bool | None = None,
+                 optimisationBiasField: bool | None = None, optimisationSimilarity: str | None = None,
                  weightsPath=None, model=None, computeInverse: bool = False, computeJacobian: bool = False,
                  warpedVolume=None, transform=None, inverseTransform=None, jacobianVolume=None,
                  referenceMaskSegmentation=None, floatingMaskSegmentation=None, warpedSegmentation=None,
@@ -1006,8 +1025,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 or None, the engine's default, which runs it only when ``weightsPath`` or ``model``
                 is given (instance optimisation from the identity otherwise).
             affine, finetune, maxIterations, tolerance, smoothness, instanceOptimisation,
-                optimisationIterations, optimisationLevels, optimisationBiasField: as in the engine's ``register``
-                (None keeps the engine's default).
+                optimisationIterations, optimisationLevels, optimisationBiasField, optimisationSimilarity:
+                as in the engine's ``register`` (None keeps the engine's default).
             weightsPath: a SAR weights file; None takes the shipped weights. ``model``, a loaded
                 ``SARRegistrationLib.SARModel``, overrides it.
             computeInverse, computeJacobian: also make the inverse transform (floating world to
@@ -1061,7 +1080,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def _prepare(self, referenceVolume, floatingVolume, referenceStructure, floatingStructure, *, ignoreMask,
                  initialTransform, referenceLandmarks, floatingLandmarks, mode, device, affine, network, finetune,
                  maxIterations, tolerance, smoothness, instanceOptimisation, optimisationIterations,
-                 optimisationLevels, optimisationBiasField, weightsPath, model, computeInverse, computeJacobian,
+                 optimisationLevels, optimisationBiasField, optimisationSimilarity, weightsPath, model,
+                 computeInverse, computeJacobian,
                  warpedVolume, transform, inverseTransform, jacobianVolume, referenceMaskSegmentation,
                  floatingMaskSegmentation, warpedSegmentation) -> _PreparedRun:
         """Check the inputs and read everything the run needs from the scene (main thread)."""
@@ -1075,6 +1095,11 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The reference and the floating volume must be in the same scene."))
         if mode not in [choice.value for choice in RegistrationMode]:
             raise ValueError(_("Unknown mode {mode!r}: choose 'auto', 'volume' or 'slicewise'.").format(mode=mode))
+        similarities = [choice.engineValue() for choice in ImageSimilarity]
+        if optimisationSimilarity not in similarities:
+            raise ValueError(_("Unknown similarity {similarity!r}: choose {choices}, or None for the engine's "
+                               "default.").format(similarity=optimisationSimilarity,
+                                                  choices=", ".join(repr(value) for value in similarities[1:])))
         computeInverse = bool(computeInverse or inverseTransform is not None)
         computeJacobian = bool(computeJacobian or jacobianVolume is not None)
         self._checkOutputNodes(referenceVolume, floatingVolume, warpedVolume, transform, inverseTransform,
@@ -1097,7 +1122,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                          "max_iterations": maxIterations, "tolerance": tolerance, "smoothness": smoothness,
                          "instance_optimisation": instanceOptimisation,
                          "optimisation_iterations": optimisationIterations, "optimisation_levels": optimisationLevels,
-                         "optimisation_bias_field": optimisationBiasField}
+                         "optimisation_bias_field": optimisationBiasField,
+                         "optimisation_similarity": optimisationSimilarity}
         settings = {**engineOptions, "weights": None if weightsPath is None else str(weightsPath),
                     "initial_transform": initialTransform.GetName() if initialTransform is not None else None,
                     "compute_inverse": computeInverse, "compute_jacobian": computeJacobian}

@@ -861,6 +861,25 @@ def test_the_bias_field_setting_reaches_the_engine(scene, logic, module, pair_3d
         assert result.record["settings"]["optimisation_bias_field"] is ticked
 
 
+def test_the_similarity_choice_reaches_the_engine(scene, logic, module, pair_3d):
+    """The panel's similarity: automatic is the engine's choice for a volume (NMI); another choice is passed on."""
+    from SARRegistrationLib.instance_optimisation import SIMILARITIES
+
+    offered = [choice.engineValue() for choice in module.ImageSimilarity]
+    assert offered[0] is None and sorted(offered[1:]) == sorted(SIMILARITIES)
+    assert module.SARRegistrationParameterNode.similarity is module.ImageSimilarity.AUTO
+    reference, floating = pair_3d
+    for choice, expected in ((module.ImageSimilarity.AUTO, "nmi"), (module.ImageSimilarity.NMI_MIND, "nmi+mind")):
+        result = logic.register(reference, floating, network=False, optimisationIterations=3, device="cpu",
+                                optimisationSimilarity=choice.engineValue())
+        assert result.metrics["instance_optimisation"]["similarity"] == expected
+        assert result.record["settings"]["optimisation_similarity"] == choice.engineValue()
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="Unknown similarity 'ncc'"):
+        logic.register(reference, floating, network=False, device="cpu", optimisationSimilarity="ncc")
+    assert scene.GetNumberOfNodes() == nodes
+
+
 def test_without_the_network_there_are_no_sar_masks(scene, logic, pair_3d):
     reference, floating = pair_3d
     result = logic.register(reference, floating, network=False, optimisationIterations=5, device="cpu")
@@ -1003,11 +1022,13 @@ def test_defaults_are_the_engines(module, logic):
                               ("instance_optimisation", "instanceOptimisation"),
                               ("optimisation_iterations", "optimisationIterations"),
                               ("optimisation_levels", "optimisationLevels"),
-                              ("optimisation_bias_field", "optimisationBiasField")):
+                              ("optimisation_bias_field", "optimisationBiasField"),
+                              ("optimisation_similarity", "optimisationSimilarity")):
         assert mine[name].default == engine[engine_name].default, name
     parameters = module.SARRegistrationParameterNode
     assert parameters.mode is module.RegistrationMode.AUTO and parameters.device is module.ComputeDevice.AUTO
     assert parameters.network.engineValue() is engine["network"].default
+    assert parameters.similarity.engineValue() is engine["optimisation_similarity"].default
     assert parameters.preset is module.RegistrationPreset.ACCURATE
     settings = OptimisationSettings()
     assert (module.decisions.engineIterations(parameters.optimisationIterations), parameters.optimisationLevels,
