@@ -10,9 +10,9 @@ masks. NMI does not survive a bias field, the smooth intensity gain of MR coils:
 has several intensities across the image, and the field bends to explain them. So a smooth gain
 of the floating image (its intensities times ``1 + g``, ``g`` on a 4-point-per-axis grid,
 :data:`BIAS_FIELD_POINTS`) is optimised with the residual and applied before the histogram.
-Each iteration compares at most ``samples`` voxels, drawn at random (as
-Elastix's random sampler does), so its cost does not grow with the image: a 3D volume costs about
-what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres the reference
+Each iteration compares at most ``samples`` voxels (half as many at the coarser levels), drawn at
+random (as Elastix's random sampler does), so its cost does not grow with the image: a 3D volume
+costs about what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres the reference
 is not interpolated while the warped floating image is, which biases mutual information towards
 whole-voxel shifts (the interpolation artefact Elastix's random-coordinate sampler avoids; voxel
 centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``). Draws come from a
@@ -211,7 +211,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         # many there lowered the error on 5 of 6 2D tuning sets, and saved time.
         samples = settings.samples if factor == 1 else max(1, settings.samples // 2)
         every_voxel = _points(level_shape, samples, generator, reference.device) \
-            if _voxel_count(level_shape) <= samples else None  # the same points every iteration: made once
+            if math.prod(level_shape) <= samples else None  # the same points every iteration: made once
         for iteration in range(iterations):
             # Steps grow with the level's factor, so coarse levels travel far (capture range: on 15 mm
             # deformations the field error was 1.25 mm with full-resolution steps, 0.26 mm so; on
@@ -252,16 +252,12 @@ def _points(shape, samples: int, generator: torch.Generator, device) -> torch.Te
     Every voxel centre when the grid has at most ``samples`` voxels, else ``samples`` uniform draws.
     """
     ndims = len(shape)
-    if _voxel_count(shape) <= samples:
+    if math.prod(shape) <= samples:
         axes = [torch.linspace(-1, 1, n) for n in shape]
         points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, ndims)
     else:
         points = torch.rand(1, samples, ndims, generator=generator) * 2 - 1
     return points.to(device)
-
-
-def _voxel_count(shape) -> int:
-    return math.prod(shape)
 
 
 def _grid(points: torch.Tensor) -> torch.Tensor:
