@@ -119,15 +119,19 @@ def jacobian_determinant(displacement, spacing=None) -> np.ndarray:
     if spacing is not None:
         spacing = _check_spacing(spacing, ndims)
         displacement = displacement / np.reshape(spacing, (ndims,) + (1,) * ndims)
-    # jacobian[i, j] = d(x_i + u_i) / d x_j, then moved to the last two axes for np.linalg.det.
-    # An axis of one voxel (a single-slice volume) has no derivative along it: zero.
-    jacobian = np.zeros((ndims,) + displacement.shape)
-    for i, component in enumerate(displacement):
-        for j in range(ndims):
-            if component.shape[j] > 1:
-                jacobian[i, j] = np.gradient(component, axis=j)
-    jacobian += np.eye(ndims).reshape((ndims, ndims) + (1,) * ndims)
-    return np.linalg.det(np.moveaxis(jacobian, (0, 1), (-2, -1)))
+    # j[i][k] = d(x_i + u_i) / d x_k. An axis of one voxel (a single-slice volume) has no
+    # derivative along it: zero. The determinant is expanded by hand, from the contiguous
+    # derivative arrays: np.linalg.det on a (..., ndims, ndims) stack of them was 3.3 times slower
+    # on a 512 x 512 slab of a CT-sized field (7 times on a 256^2 image), and the field statistics
+    # of every registration go through it.
+    j = [[np.gradient(component, axis=k) if component.shape[k] > 1 else np.zeros_like(component)
+          for k in range(ndims)] for component in displacement]
+    for k in range(ndims):
+        j[k][k] += 1
+    if ndims == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1]) - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def folding_fraction(displacement, spacing=None) -> float:

@@ -454,18 +454,20 @@ def _in_slabs(reference: sitk.Image, make, cancel: CancelCheck | None, progress)
     return image
 
 
-# Rows (array axis 0) per slab when the full-resolution field is summarised: the Jacobian of a
-# whole CT-sized field (512×512×300) would take over 10 GB at once.
+# Slices (array axis 0) per slab when a volume's full-resolution field is summarised: the Jacobian
+# of a whole CT-sized field (512×512×300) would take over 10 GB at once.
 _SLAB_ROWS = 16
 
 
 def _field_statistics(field_mm: sitk.Image) -> tuple[float, float]:
-    """Folded-voxel fraction and largest displacement (mm) of an ITK field, a slab at a time."""
+    """Folded-voxel fraction and largest displacement (mm) of an ITK field, a slab at a time (a 2D
+    image is one slab: in 16-row slabs a 256² field took 10 ms, a twentieth of its registration)."""
     millimetres = sitk.GetArrayViewFromImage(field_mm)
     rows = millimetres.shape[0]
+    slab_rows = _SLAB_ROWS if field_mm.GetDimension() == 3 else rows
     folded, largest = 0, 0.0
-    for start in range(0, rows, _SLAB_ROWS):
-        stop = min(start + _SLAB_ROWS, rows)
+    for start in range(0, rows, slab_rows):
+        stop = min(start + slab_rows, rows)
         # One row of margin on each side: the derivatives on the slab's edges are those of the whole field.
         low, high = max(start - 1, 0), min(stop + 1, rows)
         determinant = metrics.jacobian_determinant(displacement_in_voxels(field_mm, slice(low, high)))

@@ -207,6 +207,19 @@ def test_jacobian_pairs_channel_i_with_axis_i(shape):
     np.testing.assert_allclose(metrics.jacobian_determinant(shear), 1.0)
 
 
+@pytest.mark.parametrize("shape", [(12, 10), (6, 8, 7), (1, 8, 7)])
+def test_jacobian_of_a_general_linear_map_is_its_determinant(shape):
+    """Every entry of the Jacobian counts (the expansion is written out by hand), and an axis of
+    one voxel has no derivative: there the map's own entries along it do not count."""
+    rng = np.random.default_rng(len(shape))
+    ndims = len(shape)
+    matrix = rng.uniform(-0.4, 0.4, (ndims, ndims))
+    grid = np.indices(shape, dtype=np.float64)
+    displacement = np.tensordot(matrix, grid, axes=1)  # u(x) = M x: the Jacobian is I + M
+    seen = np.eye(ndims) + matrix * [n > 1 for n in shape]
+    np.testing.assert_allclose(metrics.jacobian_determinant(displacement), np.linalg.det(seen))
+
+
 def test_jacobian_of_millimetre_field_uses_spacing():
     spacing = (3.0, 2.0, 0.5)
     grid = np.indices((5, 6, 7), dtype=np.float64)
