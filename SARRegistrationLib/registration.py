@@ -136,8 +136,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             field, so that NMI holds under an MR bias field (default: :class:`OptimisationSettings`'s, on).
         network: start from the network's (finetuned) field and give SAR's masks. By default
             (None) only when a ``model`` or ``weights`` is given: on the benchmark, instance
-            optimisation from the identity was as accurate as from the network's field in 2D and
-            more accurate in 3D, in less time (README, "Benchmark"). ``False`` skips the network
+            optimisation from the identity was more accurate than from the network's field, in 2D
+            and 3D, in less time (README, "Benchmark"). ``False`` skips the network
             and finetuning, and the result has no SAR masks.
         progress: ``progress(fraction, message)`` is called as work advances.
         cancel: ``cancel()`` returning true stops the run with :class:`RegistrationCancelled`.
