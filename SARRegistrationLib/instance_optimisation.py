@@ -12,11 +12,11 @@ of the floating image (its intensities times ``1 + g``, ``g`` on a 4-point-per-a
 :data:`BIAS_FIELD_POINTS`) is optimised with the residual and applied before the histogram.
 Each iteration compares at most ``samples`` voxels (half as many at the coarser levels), drawn at
 random (as Elastix's random sampler does), so its cost does not grow with the image: a 3D volume
-costs about what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres the reference
-is not interpolated while the warped floating image is, which biases mutual information towards
-whole-voxel shifts (the interpolation artefact Elastix's random-coordinate sampler avoids; voxel
-centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``). Draws come from a
-seeded generator, so a run is deterministic on the CPU.
+costs about what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres
+the reference is not interpolated while the warped floating image is, which biases mutual
+information towards whole-voxel shifts (the interpolation artefact Elastix's random-coordinate
+sampler avoids; voxel centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``).
+Draws come from a seeded generator, so a run is deterministic on the CPU.
 
 Steps are in millimetres, because anatomy moves by millimetres whatever the voxel size, but never
 longer than one voxel of the level along any axis (Elastix's default largest step): on a grid of

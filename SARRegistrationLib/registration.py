@@ -19,10 +19,9 @@ network still moves across slices.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -329,16 +328,10 @@ def _optimisation_settings(instance_optimisation, iterations, levels, similarity
     """The settings of instance optimisation, or None when it is off."""
     if instance_optimisation is False:
         return None
-    settings = copy.copy(instance_optimisation) if isinstance(instance_optimisation, OptimisationSettings) \
+    settings = instance_optimisation if isinstance(instance_optimisation, OptimisationSettings) \
         else OptimisationSettings()
-    if iterations is not None:
-        settings.iterations = iterations
-    if levels is not None:
-        settings.levels = levels
-    if similarity is not None:
-        settings.similarity = similarity
-    if bias_field is not None:
-        settings.bias_field = bias_field
+    overrides = {"iterations": iterations, "levels": levels, "similarity": similarity, "bias_field": bias_field}
+    settings = replace(settings, **{name: value for name, value in overrides.items() if value is not None})
     settings.check()
     return settings
 

@@ -63,6 +63,10 @@ FAMILIES = {"bspline": lambda image, rng: random_bspline_transform(image, rng, 6
             "large": large_deformation_transform, "velocity": velocity_field_transform}
 
 
+def _flag(text: str) -> bool:
+    return bool(int(text))
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value,...`` as the ``register`` options of that variant."""
     name, _, assignments = text.partition(":")
@@ -71,10 +75,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
     for assignment in filter(None, assignments.split(",")):
         key, _, value = assignment.partition("=")
         if key in STAGE_OPTIONS:
-            options[key] = bool(int(value))
+            options[key] = _flag(value)
         elif key in known:
             type_name = str(getattr(known[key], "__name__", known[key])).removesuffix(" | None")
-            kind = {"float": float, "int": int, "str": str, "bool": lambda text: bool(int(text))}[type_name]
+            kind = {"float": float, "int": int, "str": str, "bool": _flag}[type_name]
             settings[key] = kind(value)
         else:
             raise SystemExit(f"unknown setting {key!r} in variant {text!r}")
