@@ -121,7 +121,9 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
                              "first estimate; auto: the 3D model when one is given or shipped, else slice-wise")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--affine", action="store_true",
-                        help="align the floating image affinely first (for pairs that are not pre-aligned)")
+                        help="align the floating image affinely first, for pairs that are not roughly aligned (without "
+                             "it, rotations beyond about 20 degrees or shifts beyond about 20 mm were not "
+                             "recovered: benchmarks/results/robustness.md)")
     parser.add_argument("--no-finetune", action="store_true", help="use the trained network as it is")
     parser.add_argument("--max-iterations", type=int, default=100)
     parser.add_argument("--tolerance", type=float, default=1e-4)
