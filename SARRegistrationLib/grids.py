@@ -82,3 +82,33 @@ def resample_to(image: sitk.Image, grid: sitk.Image, label: bool = False, transf
     transform = transform if transform is not None else sitk.Transform()
     output_type = image.GetPixelID() if label else sitk.sitkFloat32
     return sitk.Resample(image, grid, transform, interpolator, 0.0, output_type)
+
+
+def normalised_map(from_grid: sitk.Image, to_grid: sitk.Image, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """The affine map ``q = L p + b`` from ``from_grid``'s normalised coordinates to ``to_grid``'s.
+
+    Normalised coordinates are ``grid_sample``'s with ``align_corners=True``, in array axis order:
+    ``-1`` and ``1`` at the first and last voxel centre of each axis. A point of ``from_grid`` goes
+    to physical space, through ``transform`` (ITK convention: a reference point to the floating
+    image's; identity if None) and into ``to_grid``. ``transform`` must be affine (the map is read
+    off at ``ndims + 1`` points, so anything else would be linearised there).
+    """
+    ndims = from_grid.GetDimension()
+    transform = transform if transform is not None else sitk.Transform(ndims, sitk.sitkIdentity)
+
+    def to_index(grid, p):  # normalised, array order -> continuous index, x-first
+        size = np.array(grid.GetSize()[::-1], dtype=float)
+        return ((np.asarray(p) + 1) / 2 * np.maximum(size - 1, 1))[::-1]
+
+    def to_normalised(grid, index):
+        size = np.array(grid.GetSize()[::-1], dtype=float)
+        return np.asarray(index)[::-1] / np.maximum(size - 1, 1) * 2 - 1
+
+    def mapped(p):
+        physical = from_grid.TransformContinuousIndexToPhysicalPoint(to_index(from_grid, p).tolist())
+        return to_normalised(to_grid, to_grid.TransformPhysicalPointToContinuousIndex(
+            transform.TransformPoint(physical)))
+
+    offset = mapped(np.zeros(ndims))
+    linear = np.stack([mapped(np.eye(ndims)[axis]) - offset for axis in range(ndims)], axis=1)
+    return linear, offset

@@ -18,6 +18,12 @@ information towards whole-voxel shifts (the interpolation artefact Elastix's ran
 sampler avoids; voxel centres were tried, see ``benchmarks/results/instance_optimisation_tuning.md``).
 Draws come from a seeded generator, so a run is deterministic on the CPU.
 
+A floating image on a grid of its own (another spacing or origin, or behind an affine
+pre-alignment) is read on its own voxels through an affine map of the coordinates
+(``floating_map``), not first resampled onto the reference's grid: every linear resampling blurs,
+and the samples then interpolated that blur again (a 2D floating image half a voxel off the
+reference's grid had 40 % more field error so; ``benchmarks/results/robustness.md``).
+
 Steps are in millimetres, because anatomy moves by millimetres whatever the voxel size, but never
 longer than one voxel of the level along any axis (Elastix's default largest step): on a grid of
 0.1 mm voxels 0.6 mm steps would be six voxels long, and the optimisation diverged there.
@@ -136,13 +142,23 @@ class OptimisationResult:
 def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: torch.Tensor | None = None,
                       settings: OptimisationSettings | None = None, *, reference_mask: torch.Tensor | None = None,
                       floating_mask: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
+                      floating_map=None, floating_on_reference: torch.Tensor | None = None,
                       spacing=None, progress: ProgressCallback | None = None,
                       cancel: Callable[[], bool] | None = None) -> OptimisationResult:
     """Optimise ``initial + residual`` so that ``floating`` warped by it matches ``reference``.
 
     Args:
-        reference, floating: ``(1, 1, *spatial)`` images in [0, 1] on one grid.
+        reference, floating: ``(1, 1, *spatial)`` images in [0, 1] on one grid; with
+            ``floating_map``, ``floating`` is on a grid of its own (any shape).
         initial: ``(1, ndims, *spatial)`` voxel field to start from (the network's); zero if None.
+        floating_map: ``(L, b)``, tensors ``(ndims, ndims)`` and ``(ndims,)``: where a point ``p`` of the
+            reference's grid lies on ``floating``'s, ``L p + b``, both in normalised coordinates
+            (:func:`grids.normalised_map`). The floating image is then read on its own voxels,
+            interpolated once, instead of first resampled onto the reference's grid and then
+            interpolated again (see the module's docstring). Outside its extent it reads 0.
+        floating_on_reference: with ``floating_map`` and a MIND-SSC similarity, the floating image
+            resampled onto the reference's grid: MIND-SSC compares neighbours along the grid's
+            axes, so both images' descriptors are computed on one grid.
         reference_mask, floating_mask: SAR's soft masks ``(1, 1, *spatial)``, for ``mask_weight``.
         ignore_mask: ``(1, 1, *spatial)`` in [0, 1], 1 where the images are not compared.
         spacing: the grid's voxel size in mm per array axis (1 mm if None), which turns
@@ -158,15 +174,21 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     ndims = len(shape)
     settings = settings.for_dimension(ndims)
     initial = None if initial is None else initial.detach()  # None: the identity, never sampled
+    if floating_map is not None and "mind" in settings.similarity and floating_on_reference is None:
+        raise ValueError("a floating image on its own grid needs floating_on_reference for MIND-SSC")
     use_masks = settings.mask_weight > 0 and reference_mask is not None and floating_mask is not None
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
 
     def images_at(factor: int) -> dict:
         level_shape = tuple(-(-n // factor) for n in shape)
-        images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, level_shape)}
+        floating_shape = tuple(-(-n // factor) for n in floating.shape[2:])
+        images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, floating_shape)}
+        if floating_map is not None:
+            images["floating_map"] = floating_map
         if "mind" in settings.similarity:
             images["reference_descriptors"] = losses.mind_ssc(images["reference"])
-            images["floating_descriptors"] = losses.mind_ssc(images["floating"])
+            images["floating_descriptors"] = losses.mind_ssc(
+                images["floating"] if floating_map is None else downsample(floating_on_reference, level_shape))
         if ignore_mask is not None:
             images["ignore"] = downsample(ignore_mask, level_shape)
         if use_masks:
@@ -269,9 +291,9 @@ def _grid(points: torch.Tensor) -> torch.Tensor:
     return points.index_select(-1, reversed_axes).view(1, -1, *([1] * (ndims - 1)), ndims)
 
 
-def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def _sample(volume: torch.Tensor, grid: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """``volume`` ``(1, C, *spatial)`` at the ``N`` positions of a :func:`_grid`, linearly: ``(1, C, N)``."""
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True).flatten(2)
 
 
 def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tensor | None, points: torch.Tensor,
@@ -289,13 +311,18 @@ def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tenso
     if sampled:
         to_normalised = torch.tensor([2.0 / max(n - 1, 1) for n in full_shape], dtype=points.dtype,
                                      device=points.device)
-        at_moved = _grid(points + sum(sampled[1:], sampled[0]).transpose(1, 2) * to_normalised)
+        moved = points + sum(sampled[1:], sampled[0]).transpose(1, 2) * to_normalised
+        at_moved = _grid(moved)
     else:  # the identity
-        at_moved = at_points
+        moved, at_moved = points, at_points
     weights = None if "ignore" not in images else 1 - _sample(images["ignore"], at_points)
     loss = 0.0
     if "nmi" in settings.similarity:
-        warped = _sample(images["floating"], at_moved)
+        if "floating_map" in images:  # the floating image on its own grid, which ends at its extent
+            linear, offset = images["floating_map"]
+            warped = _sample(images["floating"], _grid(torch.addmm(offset, moved[0], linear.T)[None]), "zeros")
+        else:
+            warped = _sample(images["floating"], at_moved)
         if gain is not None:  # the gain belongs to the floating image: sampled where it is read
             # warped * (1 + g) in one op, not warped * exp(g): as accurate on the tuning sets, and
             # faster. Values pushed past 1 fall in the histogram's last bin (losses clamps them).

@@ -237,7 +237,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     if optimisation is not None:
         stage_start = time.perf_counter()
         field_voxels, optimisation_summary = _instance_optimisation(
-            reference, floating, prealignment, ignore_mask, optimisation_grid, field_grid, field_voxels, encoding,
+            reference, floating, prealignment if affine else None, ignore_mask, optimisation_grid, field_grid,
+            field_voxels, encoding,
             slicewise, optimisation, torch_device,
             lambda f, message: report(0.5 + 0.4 * f if network else 0.05 + 0.85 * f, message), cancel)
         field_grid = optimisation_grid
@@ -342,7 +343,11 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
     or None) on the optimisation ``grid``, then :func:`optimise_residual`. Returns the total field on
     ``grid`` in voxels and a summary."""
     fixed = network_input(reference, grid, False, device)
-    moving = network_input(floating, grid, False, device, prealignment)
+    native = _floating_on_its_own_grid(floating, grid, prealignment, device)
+    resolved = settings.for_dimension(fixed.dim() - 2)
+    # On the reference's grid: the floating image itself, or (read natively) for MIND-SSC alone.
+    moving = network_input(floating, grid, False, device, prealignment) \
+        if native is None or "mind" in resolved.similarity else None
     initial = None
     if field_voxels is not None:
         initial = torch.from_numpy(np.ascontiguousarray(_resampled_field(field_voxels, field_grid, grid), np.float32))
@@ -353,15 +358,33 @@ def _instance_optimisation(reference, floating, prealignment, ignore_mask, grid,
             soft = _mask_image(soft_otsu_mask(fused), field_grid, encoding_slicewise, np.float32)
             masks[name] = torch.from_numpy(imageio.array_of(grids.resample_to(soft, grid)))[None, None].to(device)
     ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
-    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore,
+    if native is not None:  # read the floating image on its own voxels; MIND-SSC keeps the resampled copy
+        moving, native_map, on_reference = native[0], native[1], moving
+    else:
+        native_map = on_reference = None
+    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, floating_map=native_map,
+                               floating_on_reference=on_reference,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
-    resolved = settings.for_dimension(fixed.dim() - 2)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "similarity": resolved.similarity, "bias_field": resolved.bias_field,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,
+               "floating_read_on_its_own_grid": native is not None,
                "losses": [round(loss, 5) for loss in result.losses]}
     return result.displacement[0].detach().cpu().numpy().astype(np.float64), summary
+
+
+def _floating_on_its_own_grid(floating: sitk.Image, grid: sitk.Image, prealignment, device):
+    """The floating image on a working grid of its own and the map to it from ``grid`` through the
+    affine ``prealignment`` (None: none; see :func:`optimise_residual`'s ``floating_map``), or None
+    where that grid would be ``grid`` itself and nothing aligns it first (both ways then give the
+    same image)."""
+    own_grid = grids.working_grid(floating, OPTIMISATION_GRID_SIZE[floating.GetDimension()], multiple=1)
+    if prealignment is None and _same_geometry(own_grid, grid):
+        return None
+    linear, offset = grids.normalised_map(grid, own_grid, prealignment)
+    as_tensor = lambda array: torch.tensor(array, dtype=torch.float32, device=device)  # noqa: E731
+    return network_input(floating, own_grid, False, device), (as_tensor(linear), as_tensor(offset))
 
 
 def _same_geometry(grid: sitk.Image, reference: sitk.Image) -> bool:

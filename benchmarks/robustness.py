@@ -1,12 +1,13 @@
-"""How far the default pipeline reaches: pairs that are not aligned, and a floating image that covers less.
+"""How far the default pipeline reaches: pairs not aligned, a floating image that covers less or lies on another grid.
 
     python benchmarks/robustness.py [--dims 2 3] [--pairs 2] [--threads 1] [--output FILE.md]
 
-The benchmark's deformations start from aligned images (the largest: a 5 degree rotation and a
-4 mm shift). Pairs a user brings may not be aligned: two subjects, or two sessions of one, differ
-by a rigid motion and a scale. And a floating image may cover less than the reference (a scan of
-a shorter range). Both are measured here on the tuning pairs (never on the brain): the 2D real
-non-brain slices and the 3D synthetic volumes of ``tune_instance_optimisation.py``.
+The benchmark's deformations start from aligned images on one grid (the largest: a 5 degree
+rotation and a 4 mm shift). Pairs a user brings may not be aligned: two subjects, or two sessions
+of one, differ by a rigid motion and a scale. A floating image may cover less than the reference
+(a scan of a shorter range). And it lies on a grid of its own (another spacing, another origin).
+These are measured here on the tuning pairs (never on the brain): the 2D real non-brain slices
+and the 3D synthetic volumes of ``tune_instance_optimisation.py``.
 
 - **Misalignment**: a random affine about the image centre (rotation angles uniform in
   +-degrees, scale factors in 1 +- scale per axis, shifts in +-mm per axis), then the engine's 6 mm
@@ -14,6 +15,10 @@ non-brain slices and the 3D synthetic volumes of ``tune_instance_optimisation.py
   pre-alignment first).
 - **Field of view**: the 6 mm B-spline, with the floating image cropped along its second axis
   (``y``) to a fraction of its extent. Rows: the default, and without the bias field.
+- **Another grid**: the 6 mm B-spline, with the floating image resampled (linearly) onto a grid of
+  another spacing whose origin is a fraction of a voxel off. Rows: the default, which reads the
+  floating image on its own voxels, and the same pair with the floating image first resampled
+  onto the reference's grid by this script (what the engine did before it read it natively).
 
 Scored by the mean end-point error (mm) of the field against the applied one, over the
 reference's foreground where the applied field lands inside the floating image (its largest pair
@@ -45,7 +50,9 @@ MISALIGNMENTS = {2: [(0, 0, 0), (10, 0, 0), (20, 0, 0), (30, 0, 0), (0, 0, 10), 
                      (0, 0.1, 0), (0, 0.2, 0), (15, 0.1, 10), (30, 0.15, 20)],
                  3: [(0, 0, 0), (15, 0.1, 10), (30, 0, 0), (0, 0, 30), (30, 0.15, 20)]}
 CROPS = {2: [0.0, 0.15, 0.3], 3: [0.0, 0.3]}  # fraction of the floating image's y extent removed
+GRIDS = [(1.0, 0.0), (1.0, 0.5), (1.25, 0.3), (0.8, 0.3)]  # the floating image's spacing factor, origin offset (voxels)
 BSPLINE_MM = 6.0
+RESAMPLE_FIRST = "resample_first"  # a variant's flag: the floating image onto the reference's grid before register
 
 
 def images_of(ndims: int, volumes: int, seed: int):
@@ -64,7 +71,20 @@ def crop(image: sitk.Image, fraction: float) -> sitk.Image:
     return sitk.RegionOfInterest(image, size, [0] * image.GetDimension())
 
 
-def pairs_of(images, misalignment, fraction: float, count: int, seed: int) -> list[dict]:
+def on_other_grid(image: sitk.Image, spacing_factor: float, origin_voxels: float, label: bool = False) -> sitk.Image:
+    """``image`` resampled onto a grid over its extent with ``spacing_factor`` times its spacing and
+    the origin moved by ``origin_voxels`` of its voxels along every axis."""
+    if spacing_factor == 1 and origin_voxels == 0:
+        return image
+    grid = sitk.Image([int(round(n / spacing_factor)) for n in image.GetSize()], sitk.sitkFloat32)
+    grid.SetSpacing([size * spacing_factor for size in image.GetSpacing()])
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin([o + origin_voxels * size for o, size in zip(image.GetOrigin(), image.GetSpacing())])
+    return grids.resample_to(image, grid, label=label)
+
+
+def pairs_of(images, misalignment=(0, 0, 0), fraction: float = 0.0, count: int = 2, seed: int = 0,
+             floating_grid=(1.0, 0.0)) -> list[dict]:
     rotation, scale, shift = misalignment
     pairs = []
     for index, (image, mask) in enumerate(images):
@@ -77,7 +97,8 @@ def pairs_of(images, misalignment, fraction: float, count: int, seed: int) -> li
             applied = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
                                                         reference.GetOrigin(), reference.GetSpacing(),
                                                         reference.GetDirection())
-            floating, floating_mask = crop(image, fraction), crop(mask, fraction)
+            floating = on_other_grid(crop(image, fraction), *floating_grid)
+            floating_mask = on_other_grid(crop(mask, fraction), *floating_grid, label=True)
             # Where the applied field lands inside the floating image: only there is an answer to find.
             covered = sitk.Cast(floating_mask * 0 + 1, sitk.sitkUInt8)
             inside = grids.resample_to(covered, reference, label=True,
@@ -90,8 +111,11 @@ def pairs_of(images, misalignment, fraction: float, count: int, seed: int) -> li
 
 def score(pairs: list[dict], options: dict, masks: bool) -> dict:
     errors, dice, seconds = [], [], []
+    options = dict(options)
+    resample_first = options.pop(RESAMPLE_FIRST, False)
     for pair in pairs:
-        result = register(pair["reference"], pair["floating"], device="cpu", **options)
+        floating = grids.resample_to(pair["floating"], pair["reference"]) if resample_first else pair["floating"]
+        result = register(pair["reference"], floating, device="cpu", **options)
         error = np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1)
         errors.append(error[pair["scored"]].mean())
         if masks:
@@ -114,29 +138,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    cases = {"misalignment": ({"default": {}, "--affine": {"affine": True}},
-                              lambda ndims: [(m, 0.0) for m in MISALIGNMENTS[ndims]]),
-             "field of view": ({"default": {}, "no bias field": {"optimisation_bias_field": False}},
-                               lambda ndims: [((0, 0, 0), f) for f in CROPS[ndims]])}
     lines = []
     for ndims in args.dims:
         images = images_of(ndims, args.volumes, args.seed)
-        for case, (variants, settings) in cases.items():
-            columns = None
-            for misalignment, fraction in settings(ndims):
-                pairs = pairs_of(images, misalignment, fraction, args.pairs, args.seed)
-                if columns is None:
+        cases = {
+            "misalignment": ({"default": {}, "--affine": {"affine": True}},
+                             [({"misalignment": m}, f"rotation {m[0]}°, scale ±{m[1]:.0%}, shift {m[2]} mm")
+                              for m in MISALIGNMENTS[ndims]]),
+            "field of view": ({"default": {}, "no bias field": {"optimisation_bias_field": False}},
+                              [({"fraction": f}, f"{f:.0%} of the floating image cropped") for f in CROPS[ndims]]),
+            "another grid": ({"default": {}, "resampled onto the reference's grid first": {RESAMPLE_FIRST: True}},
+                             [({"floating_grid": g}, f"spacing × {g[0]}, origin + {g[1]} voxel") for g in GRIDS])}
+        for case, (variants, rows) in cases.items():
+            title = f"{ndims}D {'real non-brain' if ndims == 2 else 'synthetic'}, {case}"
+            header = None
+            for construction, description in rows:
+                pairs = pairs_of(images, count=args.pairs, seed=args.seed, **construction)
+                if header is None:
                     score(pairs[:1], {}, False)  # warm-up: no row pays the process's first-call costs
                 for name, options in variants.items():
                     row = score(pairs, options, masks=ndims == 3)
-                    if columns is None:
-                        columns = list(row)
-                        title = f"{ndims}D {'real non-brain' if ndims == 2 else 'synthetic'}, {case} ({len(pairs)} pairs a row)"
-                        lines += [f"\n{title}\n", "| rotation (°) | scale | shift (mm) | floating cropped | pipeline | " +
-                                  " | ".join(columns) + " |", "|---" * (len(columns) + 5) + "|"]
-                    rotation, scale, shift = misalignment
-                    lines.append(f"| {rotation} | ±{scale:.0%} | {shift} | {fraction:.0%} | {name} | " +
-                                 " | ".join(f"{value:.3f}" for value in row.values()) + " |")
+                    if header is None:
+                        header = f"| pairs | pipeline | {' | '.join(row)} |"
+                        lines += [f"\n{title} ({len(pairs)} pairs a row)\n", header, "|---" * (len(row) + 2) + "|"]
+                    lines.append(f"| {description} | {name} | " + " | ".join(f"{value:.3f}" for value in row.values())
+                                 + " |")
                     print(lines[-1], flush=True)
     if args.output:
         command = "python benchmarks/robustness.py " + " ".join(argv or sys.argv[1:])

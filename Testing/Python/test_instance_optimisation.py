@@ -209,3 +209,35 @@ def test_adam_matches_torch_adam():
             ((parameter - target) ** 4).sum().backward()
             optimiser.step()
     torch.testing.assert_close(ours, theirs)
+
+
+def _on_shifted_grid(image: sitk.Image, voxels: float) -> sitk.Image:
+    """``image`` resampled onto its own grid moved by ``voxels`` along every axis (as another scanner's would lie)."""
+    grid = sitk.Image(image.GetSize(), sitk.sitkFloat32)
+    grid.CopyInformation(image)
+    grid.SetOrigin([o + voxels * s for o, s in zip(image.GetOrigin(), image.GetSpacing())])
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def test_a_floating_image_on_another_grid_is_read_on_its_own_voxels(lung_pair):
+    """Half a voxel off the reference's grid: read on its own voxels (interpolated once), the
+    floating image gives a smaller field error than first resampled onto the reference's grid and
+    then interpolated again, as before (0.17 against 0.22 mm here); and an affine pre-alignment no
+    longer blurs it (0.063 mm against 0.050 without it; 0.152 when it resampled the image first)."""
+    reference, floating, transform = lung_pair
+    shifted = _on_shifted_grid(floating, 0.5)
+    applied = _applied_field(transform, reference)
+
+    def error(result):
+        return np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
+
+    native = register(reference, shifted, device="cpu")
+    assert native.metrics["instance_optimisation"]["floating_read_on_its_own_grid"] is True
+    own_grid = error(native)
+    resampled = sitk.Resample(shifted, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled_first = register(reference, resampled, device="cpu")
+    assert resampled_first.metrics["instance_optimisation"]["floating_read_on_its_own_grid"] is False
+    twice_interpolated = error(resampled_first)
+    assert own_grid < 0.85 * twice_interpolated
+    same_grid = error(register(reference, floating, device="cpu"))
+    assert error(register(reference, floating, device="cpu", affine=True)) < 1.5 * same_grid
