@@ -142,7 +142,7 @@ class OptimisationResult:
 def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: torch.Tensor | None = None,
                       settings: OptimisationSettings | None = None, *, reference_mask: torch.Tensor | None = None,
                       floating_mask: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
-                      floating_map=None, floating_on_reference: torch.Tensor | None = None,
+                      floating_map=None, floating_on_reference: torch.Tensor | None = None, skip_outside: bool = False,
                       spacing=None, progress: ProgressCallback | None = None,
                       cancel: Callable[[], bool] | None = None) -> OptimisationResult:
     """Optimise ``initial + residual`` so that ``floating`` warped by it matches ``reference``.
@@ -156,6 +156,10 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
             (:func:`grids.normalised_map`). The floating image is then read on its own voxels,
             interpolated once, instead of first resampled onto the reference's grid and then
             interpolated again (see the module's docstring). Outside its extent it reads 0.
+        skip_outside: with ``floating_map``, leave out of NMI the samples that land outside the
+            floating image's extent, as Elastix does, rather than compare them with 0: for a
+            floating image that covers only part of the reference (see
+            ``registration.PARTIAL_COVERAGE``).
         floating_on_reference: with ``floating_map`` and a MIND-SSC similarity, the floating image
             resampled onto the reference's grid: MIND-SSC compares neighbours along the grid's
             axes, so both images' descriptors are computed on one grid.
@@ -184,7 +188,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         floating_shape = tuple(-(-n // factor) for n in floating.shape[2:])
         images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, floating_shape)}
         if floating_map is not None:
-            images["floating_map"] = floating_map
+            images["floating_map"], images["skip_outside"] = floating_map, skip_outside
         if "mind" in settings.similarity:
             images["reference_descriptors"] = losses.mind_ssc(images["reference"])
             images["floating_descriptors"] = losses.mind_ssc(
@@ -320,7 +324,11 @@ def _objective(images: dict, initial: torch.Tensor | None, residual: torch.Tenso
     if "nmi" in settings.similarity:
         if "floating_map" in images:  # the floating image on its own grid, which ends at its extent
             linear, offset = images["floating_map"]
-            warped = _sample(images["floating"], _grid(torch.addmm(offset, moved[0], linear.T)[None]), "zeros")
+            on_floating = torch.addmm(offset, moved[0], linear.T)[None]
+            warped = _sample(images["floating"], _grid(on_floating), "zeros")
+            if images.get("skip_outside"):  # no gradient through which samples count
+                inside = (on_floating.detach().abs() <= 1).all(dim=-1).to(warped.dtype)[:, None]
+                weights = inside if weights is None else weights * inside
         else:
             warped = _sample(images["floating"], at_moved)
         if gain is not None:  # the gain belongs to the floating image: sampled where it is read

@@ -241,3 +241,25 @@ def test_a_floating_image_on_another_grid_is_read_on_its_own_voxels(lung_pair):
     assert own_grid < 0.85 * twice_interpolated
     same_grid = error(register(reference, floating, device="cpu"))
     assert error(register(reference, floating, device="cpu", affine=True)) < 1.5 * same_grid
+
+
+def test_a_floating_image_that_covers_part_of_the_reference_is_registered_where_it_does(lung_pair):
+    """The floating image cropped to 70 % of its height: the samples that land outside it are left
+    out, so the covered part registers about as well as the whole image does (0.059 against
+    0.048 mm here; compared with 0, as before, 0.089 mm)."""
+    reference, floating, transform = lung_pair
+    size = list(floating.GetSize())
+    cropped = sitk.RegionOfInterest(floating, [size[0], int(size[1] * 0.7)], [0, 0])
+    applied = _applied_field(transform, reference)
+    ones = sitk.Cast(cropped * 0 + 1, sitk.sitkUInt8)
+    field_image = sitk.GetImageFromArray(applied, isVector=True)
+    field_image.CopyInformation(reference)
+    covered = sitk.GetArrayFromImage(sitk.Resample(ones, reference, sitk.DisplacementFieldTransform(field_image),
+                                                   sitk.sitkNearestNeighbor, 0)) > 0
+    errors = {}
+    for name, image in (("whole", floating), ("cropped", cropped)):
+        result = register(reference, image, device="cpu")
+        summary = result.metrics["instance_optimisation"]
+        assert summary["samples_outside_floating_left_out"] is (name == "cropped")
+        errors[name] = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1)[covered].mean()
+    assert errors["cropped"] < 1.5 * errors["whole"]
