@@ -436,12 +436,30 @@ def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, 
     Images are intensity-normalised; a 0/1 mask (``normalise=False``) becomes the fraction of each
     working voxel it covers, by linear resampling.
     """
-    array = imageio.array_of(grids.resample_to(image, grid, transform=transform)).astype(np.float32)
+    array = imageio.array_of(grids.resample_to(_anti_aliased(image, grid), grid, transform=transform))
+    array = array.astype(np.float32)
     if normalise:
         array = imageio.normalise_intensity(array)
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)
+
+
+def _anti_aliased(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``image`` averaged over blocks of whole voxels where ``grid`` is at least twice as coarse
+    (``sitk.BinShrink``), so that resampling it onto ``grid`` reads every voxel rather than a few.
+
+    Linear resampling alone reads 4 (2D) or 8 (3D) voxels around each point of the grid: a
+    2048 x 2048 image on a 256 x 256 grid keeps under 1 % of its voxels, and its noise and fine
+    detail alias. On noisy 2048 x 2048 versions of the 2D tuning images, averaging first lowered
+    instance optimisation's field error from 0.071 to 0.057 mm (``benchmarks/robustness.py``);
+    Gaussian smoothing instead did as well in a one-off script, at 0.6 s more a pair.
+    """
+    finest = min(grid.GetSpacing())  # the grid's voxels are near cubic (grids.working_grid)
+    factors = [max(1, int(finest / size + 1e-6)) for size in image.GetSpacing()]
+    if max(factors) == 1:
+        return image
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
 
 
 def voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:

@@ -15,6 +15,12 @@ and the 3D synthetic volumes of ``tune_instance_optimisation.py``.
   pre-alignment first).
 - **Field of view**: the 6 mm B-spline, with the floating image cropped along its second axis
   (``y``) to a fraction of its extent. Rows: the default, and without the bias field.
+- **Fine images** (2D only): the 2D images upsampled to 2048 x 2048 (linearly, over the same
+  extent) with Gaussian noise of 5 % of their spread, then the 6 mm B-spline: an X-ray's size,
+  eight times the working grid's. Rows: the default, which averages blocks of voxels before it
+  resamples onto its 256 x 256 grid, and the same pair with both images first resampled linearly
+  onto that grid by this script (what the engine did before), the field then brought back to the
+  reference's grid linearly.
 - **Another grid**: the 6 mm B-spline, with the floating image resampled (linearly) onto a grid of
   another spacing whose origin is a fraction of a voxel off. Rows: the default, which reads the
   floating image on its own voxels, and the same pair with the floating image first resampled
@@ -40,6 +46,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
+from SARRegistrationLib.registration import OPTIMISATION_GRID_SIZE  # noqa: E402
 from SARRegistrationLib.deformations import foreground_mask, random_affine_transform, random_bspline_transform  # noqa: E402
 
 from benchmarks.deformation_families import move  # noqa: E402
@@ -53,6 +60,8 @@ CROPS = {2: [0.0, 0.15, 0.3], 3: [0.0, 0.3]}  # fraction of the floating image's
 GRIDS = [(1.0, 0.0), (1.0, 0.5), (1.25, 0.3), (0.8, 0.3)]  # the floating image's spacing factor, origin offset (voxels)
 BSPLINE_MM = 6.0
 RESAMPLE_FIRST = "resample_first"  # a variant's flag: the floating image onto the reference's grid before register
+DECIMATE_FIRST = "decimate_first"  # a variant's flag: both images linearly onto the working grid before register
+FINE_SIZE, FINE_NOISE = 2048, 0.05  # the fine images' size and noise (a fraction of their standard deviation)
 
 
 def images_of(ndims: int, volumes: int, seed: int):
@@ -60,6 +69,21 @@ def images_of(ndims: int, volumes: int, seed: int):
         return [(image, foreground_mask(image)) for image in
                 (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)]
     return synthetic_volumes(volumes, seed)
+
+
+def fine_images(images, seed: int):
+    """Each 2D image upsampled to FINE_SIZE along its longest axis over the same extent, with noise."""
+    fine = []
+    for index, (image, _) in enumerate(images):
+        factor = FINE_SIZE // max(image.GetSize())
+        grid = sitk.Image([n * factor for n in image.GetSize()], sitk.sitkFloat32)
+        grid.SetSpacing([size / factor for size in image.GetSpacing()])
+        grid.SetOrigin([o - size / 2 + size / factor / 2 for o, size in zip(image.GetOrigin(), image.GetSpacing())])
+        array = imageio.array_of(grids.resample_to(image, grid))
+        noisy = array + np.random.default_rng((seed, index)).normal(0, FINE_NOISE * array.std(), array.shape)
+        upsampled = imageio.image_like(noisy.astype(np.float32), grid)
+        fine.append((upsampled, foreground_mask(upsampled)))
+    return fine
 
 
 def crop(image: sitk.Image, fraction: float) -> sitk.Image:
@@ -112,11 +136,19 @@ def pairs_of(images, misalignment=(0, 0, 0), fraction: float = 0.0, count: int =
 def score(pairs: list[dict], options: dict, masks: bool) -> dict:
     errors, dice, seconds = [], [], []
     options = dict(options)
-    resample_first = options.pop(RESAMPLE_FIRST, False)
+    resample_first, decimate_first = options.pop(RESAMPLE_FIRST, False), options.pop(DECIMATE_FIRST, False)
     for pair in pairs:
-        floating = grids.resample_to(pair["floating"], pair["reference"]) if resample_first else pair["floating"]
-        result = register(pair["reference"], floating, device="cpu", **options)
-        error = np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1)
+        reference, floating = pair["reference"], pair["floating"]
+        if resample_first:
+            floating = grids.resample_to(floating, reference)
+        if decimate_first:
+            size = OPTIMISATION_GRID_SIZE[reference.GetDimension()]
+            reference, floating = (grids.resample_to(image, grids.working_grid(image, size, multiple=1))
+                                   for image in (reference, floating))
+        result = register(reference, floating, device="cpu", **options)
+        displacement = sitk.Resample(result.displacement, pair["reference"], sitk.Transform(), sitk.sitkLinear, 0.0,
+                                     sitk.sitkVectorFloat64) if decimate_first else result.displacement
+        error = np.linalg.norm(imageio.array_of(displacement) - pair["applied"], axis=-1)
         errors.append(error[pair["scored"]].mean())
         if masks:
             warped = grids.resample_to(pair["floating_mask"], pair["reference"], label=True,
@@ -149,11 +181,15 @@ def main(argv=None) -> int:
                               [({"fraction": f}, f"{f:.0%} of the floating image cropped") for f in CROPS[ndims]]),
             "another grid": ({"default": {}, "resampled onto the reference's grid first": {RESAMPLE_FIRST: True}},
                              [({"floating_grid": g}, f"spacing × {g[0]}, origin + {g[1]} voxel") for g in GRIDS])}
+        if ndims == 2:
+            cases["fine images"] = ({"default": {}, "both decimated onto the working grid first": {DECIMATE_FIRST: True}},
+                                    [({"images": fine_images(images, args.seed)}, f"{FINE_SIZE}², noise {FINE_NOISE:.0%}")])
         for case, (variants, rows) in cases.items():
             title = f"{ndims}D {'real non-brain' if ndims == 2 else 'synthetic'}, {case}"
             header = None
             for construction, description in rows:
-                pairs = pairs_of(images, count=args.pairs, seed=args.seed, **construction)
+                construction = {"images": images, **construction}
+                pairs = pairs_of(count=args.pairs, seed=args.seed, **construction)
                 if header is None:
                     score(pairs[:1], {}, False)  # warm-up: no row pays the process's first-call costs
                 for name, options in variants.items():

@@ -461,3 +461,17 @@ def test_3d_qa_figure_is_drawn_from_the_middle_slab(tmp_path, volume):
     assert arrays["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_image_much_finer_than_the_working_grid_is_averaged_not_decimated():
+    """Noise on a 1024 x 1024 image, on instance optimisation's 256 x 256 grid: every voxel is read
+    (block means of 4 x 4 voxels, a quarter of the noise's spread), not the 4 around each grid point
+    that linear resampling alone reads (about half of it: 0.499 against 0.250 here)."""
+    from SARRegistrationLib.registration import OPTIMISATION_GRID_SIZE, network_input
+
+    noise = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    image = sitk.GetImageFromArray(noise)
+    grid = grids.working_grid(image, OPTIMISATION_GRID_SIZE[2], multiple=1)
+    assert grid.GetSize() == (256, 256)
+    working = network_input(image, grid, False, torch.device("cpu"), normalise=False)[0, 0].numpy()
+    assert abs(working.std() - 0.25) < 0.03
