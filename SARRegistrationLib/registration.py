@@ -357,8 +357,9 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
     native = _floating_on_its_own_grid(floating, grid, prealignment, device)
     resolved = settings.for_dimension(fixed.dim() - 2)
     # On the reference's grid: the floating image itself, or (read natively) for MIND-SSC alone.
-    moving = network_input(floating, grid, False, device, prealignment) \
+    resampled = network_input(floating, grid, False, device, prealignment) \
         if native is None or "mind" in resolved.similarity else None
+    moving, floating_map = native if native is not None else (resampled, None)
     initial = None
     if field_voxels is not None:
         initial = torch.from_numpy(np.ascontiguousarray(_resampled_field(field_voxels, field_grid, grid), np.float32))
@@ -369,13 +370,9 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
             soft = _mask_image(soft_otsu_mask(fused), field_grid, encoding_slicewise, np.float32)
             masks[name] = torch.from_numpy(imageio.array_of(grids.resample_to(soft, grid)))[None, None].to(device)
     ignore = None if ignore_mask is None else network_input(ignore_mask, grid, False, device, normalise=False)
-    if native is not None:  # read the floating image on its own voxels; MIND-SSC keeps the resampled copy
-        moving, native_map, on_reference = native[0], native[1], moving
-    else:
-        native_map = on_reference = None
     skip_outside = native is not None and overlap < PARTIAL_COVERAGE
-    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, floating_map=native_map,
-                               floating_on_reference=on_reference, skip_outside=skip_outside,
+    result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, floating_map=floating_map,
+                               floating_on_reference=None if native is None else resampled, skip_outside=skip_outside,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "similarity": resolved.similarity, "bias_field": resolved.bias_field,
