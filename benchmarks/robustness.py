@@ -50,7 +50,7 @@ from SARRegistrationLib.registration import OPTIMISATION_GRID_SIZE  # noqa: E402
 from SARRegistrationLib.deformations import foreground_mask, random_affine_transform, random_bspline_transform  # noqa: E402
 
 from benchmarks.deformation_families import move  # noqa: E402
-from benchmarks.tune_instance_optimisation import IMAGES_2D, synthetic_volumes  # noqa: E402
+from benchmarks.tune_instance_optimisation import tuning_images  # noqa: E402
 
 # (rotation degrees, scale, shift mm) of the misalignment cases
 MISALIGNMENTS = {2: [(0, 0, 0), (10, 0, 0), (20, 0, 0), (30, 0, 0), (0, 0, 10), (0, 0, 20), (0, 0, 30),
@@ -62,13 +62,6 @@ BSPLINE_MM = 6.0
 RESAMPLE_FIRST = "resample_first"  # a variant's flag: the floating image onto the reference's grid before register
 DECIMATE_FIRST = "decimate_first"  # a variant's flag: both images linearly onto the working grid before register
 FINE_SIZE, FINE_NOISE = 2048, 0.05  # the fine images' size and noise (a fraction of their standard deviation)
-
-
-def images_of(ndims: int, volumes: int, seed: int):
-    if ndims == 2:
-        return [(image, foreground_mask(image)) for image in
-                (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)]
-    return synthetic_volumes(volumes, seed)
 
 
 def fine_images(images, seed: int):
@@ -172,7 +165,7 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     lines = []
     for ndims in args.dims:
-        images = images_of(ndims, args.volumes, args.seed)
+        images = tuning_images(ndims, args.volumes, args.seed)
         cases = {
             "misalignment": ({"default": {}, "--affine": {"affine": True}},
                              [({"misalignment": m}, f"rotation {m[0]}°, scale ±{m[1]:.0%}, shift {m[2]} mm")

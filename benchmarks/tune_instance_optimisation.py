@@ -91,6 +91,15 @@ def synthetic_volumes(count: int, seed: int) -> list[tuple[sitk.Image, sitk.Imag
             for index in range(count)]
 
 
+def tuning_images(ndims: int, volumes: int, seed: int) -> list[tuple[sitk.Image, sitk.Image]]:
+    """The tuning images with their masks: the 2D real non-brain slices (foreground masks), or
+    ``volumes`` synthetic label-map volumes."""
+    if ndims == 2:
+        return [(image, foreground_mask(image)) for image in
+                (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)]
+    return synthetic_volumes(volumes, seed)
+
+
 def known_pairs(images, family: str, contrast_change: bool, count: int, seed: int) -> list[dict]:
     """Each image moved ``count`` times by the family's random transform: the moved copy is the
     reference, the image the floating one, and ``T(p) - p`` the field to recover."""
@@ -145,9 +154,7 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     variants = [parse_variant(text) for text in args.variant]
     model = load_model(ndims=2)
-    images = {2: [(image, foreground_mask(image)) for image in
-                  (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)],
-              3: synthetic_volumes(args.volumes, args.seed)}
+    images = {ndims: tuning_images(ndims, args.volumes, args.seed) for ndims in (2, 3)}
     lines = []
     for ndims in args.dims:
         for family in args.families:

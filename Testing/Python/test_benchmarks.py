@@ -292,8 +292,9 @@ def test_robustness_pairs_know_their_answer_and_score_only_what_the_floating_ima
     """benchmarks/robustness.py: the applied field pulls the (cropped) floating image onto the
     reference, and the scored voxels are the reference's foreground that lands inside the crop."""
     from benchmarks import robustness
+    from benchmarks.tune_instance_optimisation import IMAGES_2D
 
-    image = sitk.Shrink(sitk.Cast(sitk.ReadImage(str(robustness.IMAGES_2D[0])), sitk.sitkFloat32), [2, 2])
+    image = sitk.Shrink(sitk.Cast(sitk.ReadImage(str(IMAGES_2D[0])), sitk.sitkFloat32), [2, 2])
     mask = robustness.foreground_mask(image)
     (pair,) = robustness.pairs_of([(image, mask)], (20, 0.1, 10), 0.3, 1, seed=0)
     assert pair["floating"].GetSize()[1] == round(image.GetSize()[1] * 0.7)
