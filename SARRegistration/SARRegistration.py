@@ -177,6 +177,22 @@ class ComputeDevice(enum.Enum):
                 ComputeDevice.CPU: _("CPU")}[self]
 
 
+class AffinePrealignment(enum.Enum):
+    """The engine's ``affine=``; auto: when a rigid search finds the pair misaligned."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+    def label(self) -> str:
+        return {AffinePrealignment.AUTO: _("When the pair is misaligned (the engine's default)"),
+                AffinePrealignment.ALWAYS: _("Always"), AffinePrealignment.NEVER: _("Never")}[self]
+
+    def engineValue(self) -> bool | str:
+        return {AffinePrealignment.AUTO: "auto", AffinePrealignment.ALWAYS: True,
+                AffinePrealignment.NEVER: False}[self]
+
+
 class NetworkUse(enum.Enum):
     """The engine's ``network=``; auto: the network runs when weights are given."""
 
@@ -243,7 +259,7 @@ class SARRegistrationParameterNode:
     preset: RegistrationPreset = RegistrationPreset.ACCURATE
     mode: RegistrationMode = RegistrationMode.AUTO
     device: ComputeDevice = ComputeDevice.AUTO
-    affine: bool = False
+    affine: AffinePrealignment = AffinePrealignment.AUTO
     network: NetworkUse = NetworkUse.AUTO
     finetune: bool = True
     maxIterations: Annotated[int, WithinRange(1, 10000)] = 100
@@ -499,7 +515,7 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.referenceStructure, parameters.floatingStructure,
                 ignoreMask=parameters.ignoreMask, initialTransform=parameters.initialTransform,
                 referenceLandmarks=parameters.referenceLandmarks, floatingLandmarks=parameters.floatingLandmarks,
-                mode=parameters.mode.value, device=parameters.device.value, affine=parameters.affine,
+                mode=parameters.mode.value, device=parameters.device.value, affine=parameters.affine.engineValue(),
                 network=parameters.network.engineValue(), finetune=parameters.finetune,
                 maxIterations=parameters.maxIterations,
                 tolerance=parameters.tolerance, smoothness=parameters.smoothness,
@@ -987,7 +1003,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def register(self, referenceVolume, floatingVolume, referenceStructure=None, floatingStructure=None, *,
                  ignoreMask=None, initialTransform=None, referenceLandmarks=None, floatingLandmarks=None,
-                 mode: str = "auto", device: str = "auto", affine: bool = False, network: bool | None = None,
+                 mode: str = "auto", device: str = "auto", affine: bool | str = "auto", network: bool | None = None,
                  finetune: bool = True, maxIterations: int = 100, tolerance: float = 1e-4,
                  smoothness: float | None = None, instanceOptimisation: bool = True,
                  optimisationIterations: int | None = None, optimisationLevels: int | None = None,

@@ -7,19 +7,29 @@ import SimpleITK as sitk
 
 # The coarsest level of the pyramid keeps at least this many voxels along the longest axis.
 COARSEST_VOXELS = 16
+# ITK's Gaussian smoothing of the pyramid needs this many voxels along every axis.
+MINIMUM_VOXELS = 4
 
 
-def affine_align(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+def can_align(image: sitk.Image) -> bool:
+    """Whether :func:`affine_align` can take ``image`` (a single slice or a thin slab it cannot)."""
+    return min(image.GetSize()) >= MINIMUM_VOXELS
+
+
+def affine_align(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform | None = None) -> sitk.Transform:
     """Affine pre-alignment of ``moving`` to ``fixed`` (paper §2.1), deterministic.
 
     Mattes mutual information on every voxel (no random sampling, so repeated runs agree up to the
-    rounding of multi-threaded sums), a geometry-centred initial affine, regular-step gradient
-    descent over a pyramid of shrink factors 4, 2, 1, with 8 first where that level still has
-    :data:`COARSEST_VOXELS` voxels along the image's longest axis. On the 2D pairs of
-    ``benchmarks/robustness.py`` rotated by up to 30 degrees (a one-off script scored the affine
-    alone), the level at 8 brought the largest error from 28 mm to 1.2 mm, the B-spline part that
-    an affine cannot follow; on its 64-voxel 3D volumes it helped one case (30 degrees, 15 %, 20 mm)
-    and hurt another (30 mm shifts, unsolved either way), and on 128-voxel ones it changed nothing.
+    rounding of multi-threaded sums), regular-step gradient descent over a pyramid of shrink
+    factors 4, 2, 1, with 8 first where that level still has :data:`COARSEST_VOXELS` voxels along
+    the image's longest axis. It starts from ``initial``: the engine gives it the best rigid motion
+    of :func:`rigid_search.search_rigid`; None starts from the affine that brings the images'
+    centres together. On the 2D pairs of ``benchmarks/robustness.py`` rotated by up to 30 degrees
+    (a one-off script scored the affine alone, from the centres), the level at 8 brought the
+    largest error from 28 mm to 1.2 mm, the B-spline part that an affine cannot follow; on its
+    64-voxel 3D volumes it helped one case (30 degrees, 15 %, 20 mm) and hurt another (30 mm
+    shifts, unsolved from the centres either way; the rigid search's start solves them), and on
+    128-voxel ones it changed nothing.
 
     Returns:
         The fixed-to-moving transform (ITK convention): ``sitk.Resample(moving, fixed, transform)``
@@ -27,8 +37,9 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     """
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
-    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
-                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    if initial is None:
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
+                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
     registration = sitk.ImageRegistrationMethod()
     registration.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     registration.SetMetricSamplingStrategy(registration.NONE)

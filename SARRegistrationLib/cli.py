@@ -115,15 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The --affine choices as register()'s affine argument.
+AFFINE_CHOICES = {"auto": "auto", "always": True, "never": False}
+
+
 def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="auto",
                         help="3D only: the 3D model on the whole volume, or the 2D model slice by slice as the "
                              "first estimate; auto: the 3D model when one is given or shipped, else slice-wise")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--affine", action="store_true",
-                        help="align the floating image affinely first, for pairs that are not roughly aligned (without "
-                             "it, rotations beyond about 20 degrees or shifts beyond about 20 mm were not "
-                             "recovered: benchmarks/results/robustness.md)")
+    parser.add_argument("--affine", nargs="?", choices=tuple(AFFINE_CHOICES), default="auto", const="always",
+                        help="align the floating image affinely first: auto (the default) when a rigid search of "
+                             "coarse copies finds the pair misaligned, always (also --affine alone), or never "
+                             "(the deformable stages alone recover rotations up to about 20 degrees and shifts up "
+                             "to about 20 mm: benchmarks/results/robustness.md)")
     parser.add_argument("--no-finetune", action="store_true", help="use the trained network as it is")
     parser.add_argument("--max-iterations", type=int, default=100)
     parser.add_argument("--tolerance", type=float, default=1e-4)
@@ -147,7 +152,7 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _registration_kwargs(args) -> dict:
-    return {"mode": args.mode, "device": args.device, "affine": args.affine, "finetune": not args.no_finetune,
+    return {"mode": args.mode, "device": args.device, "affine": AFFINE_CHOICES[args.affine], "finetune": not args.no_finetune,
             "max_iterations": args.max_iterations, "tolerance": args.tolerance,
             "smoothness": args.smoothness, "weights": args.weights,
             "instance_optimisation": not args.no_instance_optimisation,

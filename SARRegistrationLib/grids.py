@@ -84,6 +84,24 @@ def resample_to(image: sitk.Image, grid: sitk.Image, label: bool = False, transf
     return sitk.Resample(image, grid, transform, interpolator, 0.0, output_type)
 
 
+def averaged_resample(image: sitk.Image, grid: sitk.Image, transform=None) -> sitk.Image:
+    """``image`` resampled linearly onto ``grid`` (through ``transform``, as :func:`resample_to`), first
+    averaged over blocks of whole voxels where ``grid`` is at least twice as coarse (``sitk.BinShrink``),
+    so that the resampling reads every voxel rather than a few.
+
+    Linear resampling alone reads 4 (2D) or 8 (3D) voxels around each point of the grid: a
+    2048 x 2048 image on a 256 x 256 grid keeps under 1 % of its voxels, and its noise and fine
+    detail alias. On noisy 2048 x 2048 versions of the 2D tuning images, averaging first lowered
+    instance optimisation's field error from 0.071 to 0.057 mm (``benchmarks/robustness.py``);
+    Gaussian smoothing instead did as well in a one-off script, at 0.6 s more a pair.
+    """
+    finest = min(grid.GetSpacing())  # the grid's voxels are near cubic (grids.working_grid)
+    factors = [max(1, int(finest / size + 1e-6)) for size in image.GetSpacing()]
+    if max(factors) > 1:
+        image = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    return resample_to(image, grid, transform=transform)
+
+
 def normalised_map(from_grid: sitk.Image, to_grid: sitk.Image, transform=None) -> tuple[np.ndarray, np.ndarray]:
     """The affine map ``q = L p + b`` from ``from_grid``'s normalised coordinates to ``to_grid``'s.
 

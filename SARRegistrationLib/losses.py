@@ -69,7 +69,8 @@ def _linear_joint_histogram(a: torch.Tensor, b: torch.Tensor, bins: int, weights
 
 def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
                                   mask: torch.Tensor | None = None,
-                                  sigma_ratio: float = 0.5, kernel: str = "gaussian") -> torch.Tensor:
+                                  sigma_ratio: float = 0.5, kernel: str = "gaussian",
+                                  reduction: str = "mean") -> torch.Tensor:
     """Studholme's normalised mutual information ``(H(A) + H(B)) / H(A, B)``, in [1, 2].
 
     Histograms are Parzen-window estimates, which makes the measure differentiable. With the
@@ -90,12 +91,16 @@ def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 
             binary mask restricts the measure to the voxels inside it.
         sigma_ratio: Gaussian kernel width in bins.
         kernel: ``"gaussian"`` or ``"linear"``.
+        reduction: ``"mean"`` or ``"none"`` (one value per sample of the batch).
 
     Returns:
-        The batch mean of the per-sample NMI, 1 for independent and 2 for identical images.
+        The batch mean of the per-sample NMI (or each sample's), 1 for independent and 2 for
+        identical images.
     """
     if a.shape != b.shape:
         raise ValueError(f"NMI needs images of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     batch = a.shape[0]
     weights = None if mask is None else mask.expand_as(a).reshape(batch, -1).to(a.dtype)
     if kernel == "linear":
@@ -112,7 +117,8 @@ def normalised_mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 
     entropy_a = _entropy(joint.sum(dim=2), dims=1)
     entropy_b = _entropy(joint.sum(dim=1), dims=1)
     entropy_ab = _entropy(joint, dims=(1, 2))
-    return ((entropy_a + entropy_b) / (entropy_ab + EPS)).mean()
+    per_sample = (entropy_a + entropy_b) / (entropy_ab + EPS)
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:

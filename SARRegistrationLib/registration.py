@@ -29,7 +29,8 @@ import SimpleITK as sitk
 import torch
 
 from . import grids, imageio, metrics
-from .affine import affine_align
+from .affine import MINIMUM_VOXELS, affine_align, can_align
+from .rigid_search import search_rigid
 from .fields import displacement_in_voxels, displacement_to_sitk
 from .instance_optimisation import OptimisationSettings, optimise_residual
 from .devices import resolve_device
@@ -108,7 +109,7 @@ class RegistrationResult:
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
-             ignore_mask=None, mode: str = "auto", device="auto", affine: bool = False, finetune: bool = True,
+             ignore_mask=None, mode: str = "auto", device="auto", affine: bool | str = "auto", finetune: bool = True,
              max_iterations: int = 100, tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              instance_optimisation: bool | OptimisationSettings = True, optimisation_iterations: int | None = None,
              optimisation_levels: int | None = None, optimisation_similarity: str | None = None,
@@ -128,8 +129,12 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         mode: ``"auto"``, ``"volume"`` or ``"slicewise"`` (3D only; 2D images are always one slice):
             ``auto`` runs a 3D model when one is given or shipped, else the 2D one slice-wise.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        affine: first align the floating image affinely (Mattes mutual information, as the paper
-            does before deforming); the saved field then includes the affine part.
+        affine: align the floating image affinely first (Mattes mutual information, as the paper
+            does before deforming): ``"auto"`` when the pair is misaligned (a rigid search of
+            coarse copies, :mod:`rigid_search`, finds a motion under which they match better than
+            as they lie; never slice by slice, where nothing moves across slices, nor on images
+            under 4 voxels thick), ``True`` always, ``False`` never. The affine starts from the
+            search's best motion; the saved field then includes the affine part.
         finetune: tune the last layer on this pair (paper §2.3); off gives the trained network's field.
         max_iterations, tolerance: finetuning stops after this many iterations or when the loss
             changes by less than ``tolerance`` between two.
@@ -172,6 +177,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     if not network and not instance_optimisation:
         raise SettingsError("Without the network, instance optimisation is the only registration stage: turn one "
                             "of them on (the paper's network-only registration: network on, instance optimisation off).")
+    if not (isinstance(affine, bool) or affine == "auto"):
+        raise SettingsError(f"The affine pre-alignment is 'auto', True or False, not {affine!r}.")
     _check_finetuning_options(max_iterations, tolerance, smoothness)
     optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels,
                                           optimisation_similarity, optimisation_bias_field)
@@ -195,18 +202,34 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         model.to(torch_device).eval()  # inference: batch norm uses, and never updates, its statistics
     _check_cancel(cancel)
 
-    prealignment = sitk.Transform()
-    if affine:
-        report(0.03, "affine pre-alignment")
-        prealignment = affine_align(reference, floating)
     # The network's grid (slices run along SimpleITK's k axis, array axis 0, which keeps its voxel
     # count), in multiples of what the network needs, and instance optimisation's, which needs none.
     grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple,
                               keep_axes=(2,) if slicewise else ()) if network else None
     optimisation_grid = None if optimisation is None else \
         grids.working_grid(reference, OPTIMISATION_GRID_SIZE[ndims], multiple=1)
-    overlap = grids.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
-    stage_seconds["preparation"] = time.perf_counter() - started
+    prealignment, search, aligned, overlap = sitk.Transform(), None, False, None
+    alignable = can_align(reference) and can_align(floating)
+    if affine is True and not alignable:
+        raise InputImageError(f"The affine pre-alignment needs at least {MINIMUM_VOXELS} voxels along every axis; "
+                              f"the reference has {reference.GetSize()}, the floating image {floating.GetSize()}. "
+                              "Register without it.")
+    # Automatic: not slice by slice, where nothing moves across slices, nor on images too thin to align.
+    if affine is True or (affine == "auto" and alignable and not slicewise):
+        if affine == "auto":  # a pair that does not overlap at all is a mistake to report, not to undo
+            overlap = grids.check_overlap(grid or optimisation_grid, reference, floating)
+        stage_start = time.perf_counter()
+        report(0.02, "searching for misalignment")
+        search = search_rigid(reference, floating)
+        aligned = affine is True or search.misaligned
+        if aligned:
+            report(0.03, "affine pre-alignment")
+            prealignment = affine_align(reference, floating, search.transform)
+        stage_seconds["prealignment"] = time.perf_counter() - stage_start
+        _check_cancel(cancel)
+    if aligned or overlap is None:
+        overlap = grids.check_overlap(grid or optimisation_grid, reference, floating, prealignment)
+    stage_seconds["preparation"] = time.perf_counter() - started - stage_seconds.get("prealignment", 0.0)
 
     iterations, converged, encoding, field_grid, field_voxels = 0, None, None, None, None
     finetuning_losses, finetuning_declined = [], None
@@ -246,7 +269,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     if optimisation is not None:
         stage_start = time.perf_counter()
         field_voxels, optimisation_summary = _instance_optimisation(
-            reference, floating, prealignment if affine else None, overlap, ignore_mask, optimisation_grid,
+            reference, floating, prealignment if aligned else None, overlap, ignore_mask, optimisation_grid,
             field_grid, field_voxels, encoding,
             slicewise, optimisation, torch_device,
             lambda f, message: report(0.5 + 0.4 * f if network else 0.05 + 0.85 * f, message), cancel)
@@ -264,7 +287,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         field_mm = _in_slabs(reference, lambda slab: sitk.Resample(
             working_field, slab, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True),
             cancel, lambda f: report(0.92 + 0.03 * f, "resampling the field"))
-    if affine:  # p -> A(p + d(p)): the composite applies the last-listed transform first
+    if aligned:  # p -> A(p + d(p)): the composite applies the last-listed transform first
         composite = sitk.CompositeTransform([prealignment, sitk.DisplacementFieldTransform(field_mm)])
         field_mm = _in_slabs(reference, lambda slab: sitk.TransformToDisplacementField(
             composite, sitk.sitkVectorFloat64, slab.GetSize(), slab.GetOrigin(), slab.GetSpacing(),
@@ -285,7 +308,12 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     # instance optimisation alone).
     summary = {"mode": ("slicewise" if network and slicewise else "volume") if ndims == 3 else "image",
                "device": str(torch_device), "network": network,
-               "affine_prealignment": affine, "overlap_fraction": round(overlap, 4),
+               "affine_prealignment": aligned,
+               # How much better (NMI of coarse copies) the rigid search's best motion matched than none.
+               "rigid_search": None if search is None else {
+                   "gain": round(search.gain, 4), "rotation_degrees": list(search.rotation_degrees),
+                   "shift_mm": list(search.shift_mm)},
+               "overlap_fraction": round(overlap, 4),
                "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
                "iterations": iterations, "converged": converged, "finetuning_losses": finetuning_losses,
                # True: the tuned last layer lowered the loss but not the image term, so the network's
@@ -433,30 +461,13 @@ def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, 
     Images are intensity-normalised; a 0/1 mask (``normalise=False``) becomes the fraction of each
     working voxel it covers, by linear resampling.
     """
-    array = imageio.array_of(grids.resample_to(_anti_aliased(image, grid), grid, transform=transform))
+    array = imageio.array_of(grids.averaged_resample(image, grid, transform))
     array = array.astype(np.float32)
     if normalise:
         array = imageio.normalise_intensity(array)
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(1) if slicewise else tensor[None, None]
     return tensor.to(device)
-
-
-def _anti_aliased(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    """``image`` averaged over blocks of whole voxels where ``grid`` is at least twice as coarse
-    (``sitk.BinShrink``), so that resampling it onto ``grid`` reads every voxel rather than a few.
-
-    Linear resampling alone reads 4 (2D) or 8 (3D) voxels around each point of the grid: a
-    2048 x 2048 image on a 256 x 256 grid keeps under 1 % of its voxels, and its noise and fine
-    detail alias. On noisy 2048 x 2048 versions of the 2D tuning images, averaging first lowered
-    instance optimisation's field error from 0.071 to 0.057 mm (``benchmarks/robustness.py``);
-    Gaussian smoothing instead did as well in a one-off script, at 0.6 s more a pair.
-    """
-    finest = min(grid.GetSpacing())  # the grid's voxels are near cubic (grids.working_grid)
-    factors = [max(1, int(finest / size + 1e-6)) for size in image.GetSpacing()]
-    if max(factors) == 1:
-        return image
-    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
 
 
 def voxel_field(displacement: torch.Tensor, slicewise: bool) -> np.ndarray:

@@ -11,8 +11,9 @@ and the 3D synthetic volumes of ``tune_instance_optimisation.py``.
 
 - **Misalignment**: a random affine about the image centre (rotation angles uniform in
   +-degrees, scale factors in 1 +- scale per axis, shifts in +-mm per axis), then the engine's 6 mm
-  B-spline. Rows: the default pipeline, and with ``affine=True`` (``--affine``: SimpleITK's affine
-  pre-alignment first).
+  B-spline. Rows: the default pipeline (``affine="auto"``: the affine pre-alignment when the rigid
+  search finds the pair misaligned), without pre-alignment (``--affine never``, the default before)
+  and with it always (``--affine``).
 - **Field of view**: the 6 mm B-spline, with the floating image cropped along its second axis
   (``y``) to a fraction of its extent. Rows: the default, and without the bias field.
 - **Fine images** (2D only): the 2D images upsampled to 2048 x 2048 (linearly, over the same
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     for ndims in args.dims:
         images = tuning_images(ndims, args.volumes, args.seed)
         cases = {
-            "misalignment": ({"default": {}, "--affine": {"affine": True}},
+            "misalignment": ({"default": {}, "--affine never": {"affine": False}, "--affine": {"affine": True}},
                              [({"misalignment": m}, f"rotation {m[0]}°, scale ±{m[1]:.0%}, shift {m[2]} mm")
                               for m in MISALIGNMENTS[ndims]]),
             "field of view": ({"default": {}, "no bias field": {"optimisation_bias_field": False}},

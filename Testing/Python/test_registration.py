@@ -132,7 +132,8 @@ def test_constant_network_field_is_the_expected_physical_translation_2d(pair_2d)
     model = tiny_model(2)
     bias = np.array([1.25, -2.5])  # working-grid voxels along array axes (y, x)
     perturb_head(model, bias=bias, weight_std=0.0)
-    result = register(reference, floating, model, device="cpu", finetune=False, instance_optimisation=False)
+    result = register(reference, floating, model, device="cpu", finetune=False, instance_optimisation=False,
+                      affine=False)
 
     grid = grids.working_grid(reference, model.working_size, model.generator.shape_multiple)
     expected_mm = index_to_physical(grid) @ bias[::-1]  # index order x, y
