@@ -19,8 +19,8 @@ def can_align(image: sitk.Image) -> bool:
 def affine_align(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTransform | None = None) -> sitk.Transform:
     """Affine pre-alignment of ``moving`` to ``fixed`` (paper §2.1), deterministic.
 
-    Mattes mutual information on every voxel (no random sampling, so repeated runs agree up to the
-    rounding of multi-threaded sums), regular-step gradient descent over a pyramid of shrink
+    Mattes mutual information on every voxel, on one thread (no random sampling and no threaded
+    sums, so repeated runs agree bit for bit), regular-step gradient descent over a pyramid of shrink
     factors 4, 2, 1, with 8 first where that level still has :data:`COARSEST_VOXELS` voxels along
     the image's longest axis. It starts from ``initial``: the engine gives it the best rigid motion
     of :func:`rigid_search.search_rigid`; None starts from the affine that brings the images'
@@ -53,4 +53,11 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTran
     registration.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink])
     registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     registration.SetInitialTransform(initial, inPlace=False)
-    return registration.Execute(fixed, moving)
+    # On one thread: ITK sums the metric over voxels in threads, in an order that changes from run
+    # to run, which moved the affine's parameters by up to 4e-4 between two runs on two threads.
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return registration.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
