@@ -220,7 +220,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             overlap = grids.check_overlap(grid or optimisation_grid, reference, floating)
         stage_start = time.perf_counter()
         report(0.02, "searching for misalignment")
-        search = search_rigid(reference, floating)
+        search = search_rigid(reference, floating, with_centres=affine is True)
         aligned = affine is True or search.misaligned
         if aligned:
             report(0.03, "affine pre-alignment")

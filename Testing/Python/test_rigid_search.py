@@ -71,6 +71,12 @@ def test_a_misaligned_pair_is_found_and_an_aligned_one_left_alone(lung):
     assert np.all(np.abs(np.array(found.shift_mm) - (15.0, -10.0)) <= 8.0 + 1e-9), found.shift_mm
     deformed, _, _ = known_deformation(lung, None, np.random.default_rng(3), 5.0)
     assert not search_rigid(deformed, lung).misaligned
+    # Nor is the image on a grid half a voxel off.
+    half_off = sitk.Image(lung.GetSize(), sitk.sitkFloat32)
+    half_off.SetSpacing(lung.GetSpacing())
+    half_off.SetOrigin([o + 0.5 * s for o, s in zip(lung.GetOrigin(), lung.GetSpacing())])
+    half_off = sitk.Resample(lung, half_off, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert not search_rigid(lung, half_off).misaligned
 
 
 def test_the_default_registers_a_pair_too_misaligned_for_the_deformable_stages(lung):
