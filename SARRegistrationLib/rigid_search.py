@@ -5,8 +5,8 @@ The deformable stages capture rotations up to about 20 degrees and shifts up to 
 from the images' centres fails too on large shifts (3D volumes shifted by 30 mm per axis stayed
 23 mm off). So before anything else the pair is compared on coarse copies (at most
 :data:`SEARCH_VOXELS` voxels along the longest axis) under a grid of rigid motions about the
-reference's centre: translations first, then rotations about the best translation with a finer
-neighbourhood of it, as ANTs' ``antsAI`` and Elastix's exhaustive optimiser search. Where some
+reference's centre: translations first, then rotations, each with the best translation and its
+neighbours on the grid (a search like ANTs' ``antsAI`` or Elastix's exhaustive optimiser). Where some
 motion matches better (NMI) than the images as they lie, the pair is misaligned and the affine
 pre-alignment starts from the best one.
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from . import grids, imageio, losses
 
-# The coarse copies' voxels along the longest axis. 2D: 24 (32 missed one pair of the 2D pairs
-# rotated 30 degrees, scaled by 15 % and shifted by 20 mm; 24 missed none); 3D: 16, which keeps
-# the 1072 candidates at a quarter of a second.
+# The coarse copies' voxels along the longest axis: 2D 24 (the full 343-candidate grid found every
+# 2D pair of robustness.py that needed aligning at 24 as at 32, in 12 ms against 20); 3D 16, which
+# keeps the 1072 candidates at a quarter of a second (benchmarks/results/prealignment_tuning.md).
 SEARCH_VOXELS = {2: 24, 3: 16}
 # Translations: this fraction of the reference's longest extent a step, SHIFT_STEPS steps each way
 # along every axis (so up to 19 % of the extent). Rotations: ANGLE_STEP degrees, ANGLE_STEPS steps
@@ -99,8 +99,9 @@ def search_rigid(reference: sitk.Image, floating: sitk.Image, with_centres: bool
     start without a search), for images whose origins differ by more than the grid reaches. Not
     to decide whether a pair is misaligned: where the floating image's grid is a fraction of a
     voxel off the reference's, that shift lines the coarse copies' voxels up, which spares the
-    interpolation and so "matched better" (by up to 0.035 on the 2D pairs of
-    ``benchmarks/robustness.py`` half a voxel off, which need no alignment).
+    interpolation and so "matched better" (by up to 0.031 on the 2D pairs of
+    ``benchmarks/robustness.py`` on another grid, which need no alignment;
+    ``benchmarks/results/prealignment_tuning.md``).
     """
     ndims = reference.GetDimension()
     reference_grid, reference_values = _coarse(reference)
