@@ -1419,6 +1419,16 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
             modes = {"volume": _("full volume (3D model)"), "slicewise": _("slice by slice (2D model)"),
                      "image": _("2D image (2D model)")}
             rows.append((_("Registration"), "", modes.get(metrics["mode"], str(metrics["mode"]))))
+        if "affine_prealignment" in metrics:
+            search = metrics.get("rigid_search")
+            if metrics["affine_prealignment"]:
+                text = _("affine") if not search else _(
+                    "affine, from a rotation of {degrees}° and a shift of {shift} mm (the pair was misaligned)").format(
+                    degrees=", ".join(f"{angle:g}" for angle in search["rotation_degrees"]),
+                    shift=", ".join(f"{shift:g}" for shift in search["shift_mm"]))
+            else:
+                text = _("none (the pair was aligned)") if search else _("none")
+            rows.append((_("Pre-alignment"), "", text))
         if "iterations" in metrics:
             converged = {True: _(" (converged)"), False: _(" (iteration limit)")}.get(metrics.get("converged"), "")
             rows.append((_("Finetuning iterations"), "", f"{metrics['iterations']}{converged}"))
