@@ -215,7 +215,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                               f"the reference has {reference.GetSize()}, the floating image {floating.GetSize()}. "
                               "Register without it.")
     # Automatic: not slice by slice, where nothing moves across slices, nor on images too thin to align.
-    if affine is True or (affine == "auto" and alignable and not slicewise):
+    if affine is True or (affine == "auto" and alignable and not (network and slicewise)):
         if affine == "auto":  # a pair that does not overlap at all is a mistake to report, not to undo
             overlap = grids.check_overlap(grid or optimisation_grid, reference, floating)
         stage_start = time.perf_counter()
