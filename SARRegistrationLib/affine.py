@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import SimpleITK as sitk
 
 
 # The coarsest level of the pyramid keeps at least this many voxels along the longest axis.
 COARSEST_VOXELS = 16
+# The finest level keeps at most this many voxels along the longest axis (2D: the rat lung slices'
+# size; 3D: the synthetic tuning volumes'), so that its time stops growing with the image. On the
+# 2D tuning pairs upsampled to 256 x 256 (a one-off script), the affine at
+# full resolution took 0.97 s and diverged on one pair of the large deformations (24.9 mm off after
+# the deformable stages); with its finest level at 128 x 128, 0.24 s and 0.135 mm
+# (benchmarks/results/prealignment_tuning.md).
+FINEST_VOXELS = {2: 128, 3: 64}
 # ITK's Gaussian smoothing of the pyramid needs this many voxels along every axis.
 MINIMUM_VOXELS = 4
 
@@ -22,7 +31,8 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTran
     Mattes mutual information on every voxel, on one thread (no random sampling and no threaded
     sums, so repeated runs agree bit for bit), regular-step gradient descent over a pyramid of shrink
     factors 4, 2, 1, with 8 first where that level still has :data:`COARSEST_VOXELS` voxels along
-    the image's longest axis. It starts from ``initial``: the engine gives it the best rigid motion
+    the image's longest axis, all of them multiplied so that the finest level has at most
+    :data:`FINEST_VOXELS`. It starts from ``initial``: the engine gives it the best rigid motion
     of :func:`rigid_search.search_rigid`; None starts from the affine that brings the images'
     centres together. On the 2D pairs of ``benchmarks/robustness.py`` rotated by up to 30 degrees
     (a one-off script scored the affine alone, from the centres), the level at 8 brought the
@@ -48,7 +58,9 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, initial: sitk.AffineTran
                                                           gradientMagnitudeTolerance=1e-6)
     # Matrix entries and translations move points by very different amounts; scale them alike.
     registration.SetOptimizerScalesFromPhysicalShift()
-    shrink = [factor for factor in (8, 4, 2, 1) if factor < 8 or max(fixed.GetSize()) / factor >= COARSEST_VOXELS]
+    finest = math.ceil(max(fixed.GetSize()) / FINEST_VOXELS[fixed.GetDimension()])  # the finest level's shrink
+    shrink = [factor * finest for factor in (8, 4, 2, 1)
+              if factor < 8 or max(fixed.GetSize()) / (factor * finest) >= COARSEST_VOXELS]
     registration.SetShrinkFactorsPerLevel(shrink)
     registration.SetSmoothingSigmasPerLevel([factor // 2 for factor in shrink])
     registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
