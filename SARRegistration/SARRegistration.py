@@ -1427,7 +1427,9 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                     degrees=", ".join(f"{angle:g}" for angle in search["rotation_degrees"]),
                     shift=", ".join(f"{shift:g}" for shift in search["shift_mm"]))
             else:
-                text = _("none (the pair was aligned)") if search else _("none")
+                text = _("none") if not search else _(
+                    "none (the affine from the search's motion matched the images no better)") \
+                    if search.get("declined") else _("none (the pair was aligned)")
             rows.append((_("Pre-alignment"), "", text))
         if "iterations" in metrics:
             converged = {True: _(" (converged)"), False: _(" (iteration limit)")}.get(metrics.get("converged"), "")

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 import torch
 
 from . import grids, imageio, metrics
-from .affine import MINIMUM_VOXELS, affine_align, can_align
+from .affine import MINIMUM_VOXELS, affine_align, can_align, matches_better
 from .rigid_search import search_rigid
 from .fields import displacement_in_voxels, displacement_to_sitk
 from .instance_optimisation import OptimisationSettings, optimise_residual
@@ -132,9 +132,11 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         affine: align the floating image affinely first (Mattes mutual information, as the paper
             does before deforming): ``"auto"`` when the pair is misaligned (a rigid search of
             coarse copies, :mod:`rigid_search`, finds a motion under which they match better than
-            as they lie; never slice by slice, where nothing moves across slices, nor on images
-            under 4 voxels thick), ``True`` always, ``False`` never. The affine starts from the
-            search's best motion; the saved field then includes the affine part.
+            as they lie, and the affine from that motion also matches better at its finest level,
+            :func:`affine.matches_better`; never slice by slice, where nothing
+            moves across slices, nor on images under 4 voxels thick), ``True`` always, ``False``
+            never. The affine starts from the search's best motion; the saved field then
+            includes the affine part.
         finetune: tune the last layer on this pair (paper §2.3); off gives the trained network's field.
         max_iterations, tolerance: finetuning stops after this many iterations or when the loss
             changes by less than ``tolerance`` between two.
@@ -225,6 +227,10 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         if aligned:
             report(0.03, "affine pre-alignment")
             prealignment = affine_align(reference, floating, search.transform)
+            # Under auto, the affine must also match the images better than none at its finest
+            # level, or the pair is left as it lies.
+            if affine == "auto" and not matches_better(reference, floating, prealignment):
+                prealignment, aligned = sitk.Transform(), False
         stage_seconds["prealignment"] = time.perf_counter() - stage_start
         _check_cancel(cancel)
     if aligned or overlap is None:
@@ -312,7 +318,10 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                # How much better (NMI of coarse copies) the rigid search's best motion matched than none.
                "rigid_search": None if search is None else {
                    "gain": round(search.gain, 4), "rotation_degrees": list(search.rotation_degrees),
-                   "shift_mm": list(search.shift_mm)},
+                   "shift_mm": list(search.shift_mm),
+                   # The search found a better motion on its coarse copies, but under auto the
+                   # affine from it matched the images no better than none at a finer level.
+                   "declined": search.misaligned and not aligned},
                "overlap_fraction": round(overlap, 4),
                "finetuned": network and finetune, "ignore_mask": ignore_mask is not None,
                "iterations": iterations, "converged": converged, "finetuning_losses": finetuning_losses,

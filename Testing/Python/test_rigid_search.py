@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from helpers import one_torch_thread, rotation_3d, with_geometry  # noqa: F401 (autouse fixture)
-from SARRegistrationLib import cli, grids, register
+from SARRegistrationLib import affine, cli, grids, register, registration
 from SARRegistrationLib.deformations import known_deformation
 from SARRegistrationLib.errors import InputImageError, SettingsError
-from SARRegistrationLib.rigid_search import _normalised_to_physical, _rigid, search_rigid
+from SARRegistrationLib.rigid_search import RigidSearch, _normalised_to_physical, _rigid, search_rigid
 
 
 @contextlib.contextmanager
@@ -116,6 +116,30 @@ def test_an_aligned_pair_is_not_pre_aligned_and_thin_images_are_not_searched(lun
         register(slab, slab, device="cpu", affine=True)
     with pytest.raises(SettingsError, match="'auto', True or False"):
         register(lung, lung, device="cpu", affine="yes")
+
+
+def test_the_affine_is_kept_only_where_it_matches_better_than_none(lung, monkeypatch):
+    """``affine.matches_better`` tells the motion that undoes a misalignment from one that makes it
+    worse; under auto, an affine that matches worse than none is dropped (the pair registered as it
+    lies, the search's find reported as declined), and ``always`` keeps it."""
+    misalignment = _misalignment(lung, 25.0, (15.0, -10.0))
+    reference = _moved(lung, misalignment)
+    assert affine.matches_better(reference, lung, misalignment)
+    assert not affine.matches_better(reference, lung, misalignment.GetInverse())
+    wrong = sitk.TranslationTransform(2, (30.0, 25.0))
+    assert not affine.matches_better(lung, lung, wrong)
+
+    deformed, _, _ = known_deformation(lung, None, np.random.default_rng(3), 5.0)
+    monkeypatch.setattr(registration, "search_rigid", lambda reference, floating, with_centres: RigidSearch(
+        sitk.AffineTransform(2), 0.01, (0.0,), (0.0, 0.0)))  # a search fooled into "misaligned"
+    monkeypatch.setattr(registration, "affine_align", lambda fixed, moving, initial: wrong)
+    declined = register(deformed, lung, device="cpu")
+    assert declined.metrics["affine_prealignment"] is False and declined.metrics["rigid_search"]["declined"]
+    as_it_lies = register(deformed, lung, device="cpu", affine=False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(declined.displacement),
+                                  sitk.GetArrayFromImage(as_it_lies.displacement))
+    kept = register(deformed, lung, device="cpu", affine=True)
+    assert kept.metrics["affine_prealignment"] is True and not kept.metrics["rigid_search"]["declined"]
 
 
 def test_the_command_line_affine_choices():

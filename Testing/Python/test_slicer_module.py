@@ -1265,6 +1265,9 @@ def test_measures_are_tabulated(module):
     assert module.SARRegistrationLogic.metricsRows({"affine_prealignment": False, "rigid_search": {
         "gain": 0.0, "rotation_degrees": [0.0], "shift_mm": [0.0, 0.0]}}) == [
         ("Pre-alignment", "", "none (the pair was aligned)")]
+    assert module.SARRegistrationLogic.metricsRows({"affine_prealignment": False, "rigid_search": {
+        "gain": 0.02, "rotation_degrees": [10.0], "shift_mm": [16.0, 16.0], "declined": True}}) == [
+        ("Pre-alignment", "", "none (the affine from the search's motion matched the images no better)")]
     assert module.SARRegistrationLogic.metricsRows({"affine_prealignment": False, "rigid_search": None}) == [
         ("Pre-alignment", "", "none")]
     declined = module.SARRegistrationLogic.metricsRows({**metrics, "finetuning_declined": True})
