@@ -89,7 +89,10 @@ def matches_better(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transf
     with _one_thread():
         for candidate in (sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity), transform):
             registration.SetInitialTransform(candidate)
-            values.append(registration.MetricEvaluate(fixed, moving))
+            try:
+                values.append(registration.MetricEvaluate(fixed, moving))
+            except RuntimeError:  # ITK's metric refuses a motion under which too little overlaps
+                values.append(math.inf)
     return values[1] < values[0]  # ITK's Mattes metric is the negative mutual information
 
 

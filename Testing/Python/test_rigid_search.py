@@ -128,6 +128,11 @@ def test_the_affine_is_kept_only_where_it_matches_better_than_none(lung, monkeyp
     assert not affine.matches_better(reference, lung, misalignment.GetInverse())
     wrong = sitk.TranslationTransform(2, (30.0, 25.0))
     assert not affine.matches_better(lung, lung, wrong)
+    # Where ITK's metric refuses a motion (too little overlaps), it counts as the worse one.
+    far = sitk.Image(lung)
+    far.SetOrigin([origin + 500.0 for origin in lung.GetOrigin()])
+    assert affine.matches_better(lung, far, sitk.TranslationTransform(2, (500.0, 500.0)))
+    assert not affine.matches_better(lung, lung, sitk.TranslationTransform(2, (500.0, 500.0)))
 
     deformed, _, _ = known_deformation(lung, None, np.random.default_rng(3), 5.0)
     monkeypatch.setattr(registration, "search_rigid", lambda reference, floating, with_centres: RigidSearch(
