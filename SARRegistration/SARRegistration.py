@@ -1426,10 +1426,12 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                     "affine, from a rotation of {degrees}° and a shift of {shift} mm (the pair was misaligned)").format(
                     degrees=", ".join(f"{angle:g}" for angle in search["rotation_degrees"]),
                     shift=", ".join(f"{shift:g}" for shift in search["shift_mm"]))
+            elif not search:
+                text = _("none")
+            elif search.get("declined"):
+                text = _("none (the affine from the search's motion matched the images no better)")
             else:
-                text = _("none") if not search else _(
-                    "none (the affine from the search's motion matched the images no better)") \
-                    if search.get("declined") else _("none (the pair was aligned)")
+                text = _("none (the pair was aligned)")
             rows.append((_("Pre-alignment"), "", text))
         if "iterations" in metrics:
             converged = {True: _(" (converged)"), False: _(" (iteration limit)")}.get(metrics.get("converged"), "")
