@@ -1,4 +1,6 @@
-"""A realistic contrast change for the 3D benchmark: T1 to a T2-like image, tissue class by tissue class.
+"""Intensity changes of a floating image for the benchmarks: a realistic contrast change for the 3D
+benchmark (T1 to a T2-like image, tissue class by tissue class), and noise far below an image's own
+to measure how much of a difference between two runs is noise (:func:`with_noise`).
 
 Registration across contrasts is what MR sequences demand and what mutual information, NMI and
 MIND are built for; a random non-monotonic intensity curve (the training augmentation of
@@ -47,3 +49,14 @@ def t2_like(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
     bias = np.exp(rng.uniform(0, MAX_BIAS) * smooth_noise(values.shape, rng, coarse_shape))
     noisy = remapped * bias + rng.normal(0, rng.uniform(0.01, MAX_NOISE_SD), size=values.shape)
     return image_like(normalise_intensity(noisy).astype(np.float32), image)
+
+
+def with_noise(image: sitk.Image, sigma: float, seed: int) -> sitk.Image:
+    """``image`` plus seeded Gaussian noise of ``sigma`` times its intensity sd, in its own pixel type.
+
+    With ``sigma`` of 1e-5 the image is the same to any eye and any registration measure, so what
+    changes in a registration's result is the sensitivity of its path, not the image.
+    """
+    values = array_of(image)
+    noise = np.random.default_rng(seed).normal(0.0, sigma * values.std(), values.shape)
+    return image_like((values + noise).astype(values.dtype), image)
