@@ -1,8 +1,8 @@
-"""How much of a difference in the brain benchmark is noise: the default pipeline on each pair as it
-is and with its floating image perturbed by Gaussian noise far below its own.
+"""How much of a difference in the brain benchmark is noise: SAR on each pair as it is and with its
+floating image perturbed by Gaussian noise far below its own.
 
-    python benchmarks/noise_floor.py [--groups 2d-same 2d-pd ...] [--sigmas 1e-5 2e-5] [--pairs 5] \
-        [--threads 1] [--output benchmarks/results/noise_floor.md]
+    python benchmarks/noise_floor.py [--groups 2d-same 2d-pd ...] [--methods sar sar_network sar_finetune] \
+        [--sigmas 1e-5 2e-5] [--pairs 5] [--threads 1] [--output benchmarks/results/noise_floor.md]
 
 Instance optimisation's path is a sensitive function of its inputs (see
 ``tune_instance_optimisation.py``): noise of 1e-5 of an image's intensity sd
@@ -10,8 +10,9 @@ Instance optimisation's path is a sensitive function of its inputs (see
 optimisation along another path to another optimum. The change of a pair's Dice and HD95 under
 such noise is the smallest difference between two engines, or two settings, that the benchmark
 can tell from chance. The pairs are the brain benchmark's (``brain_benchmark.group_pairs``, same
-seed), registered by its default row (``SARMethod`` with the engine's defaults) and measured by its
-``measure``.
+seed), registered as its rows of the same keys register them (``sar``: the default pipeline;
+``sar_network``: the shipped network alone; ``sar_finetune``: the network with the paper's
+finetuning) and measured by its ``measure``.
 """
 
 from __future__ import annotations
@@ -28,15 +29,25 @@ if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib and be
 import numpy as np  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
-from benchmarks.brain_benchmark import DEFAULT_GROUPS, DEFAULT_LABEL, GROUP_KEYS, group_named, group_pairs, measure, \
-    set_threads  # noqa: E402
+from benchmarks.brain_benchmark import DEFAULT_GROUPS, DEFAULT_LABEL, GROUP_KEYS, WEIGHTS_DIR, group_named, \
+    group_pairs, measure, set_threads  # noqa: E402
 from benchmarks.contrast_families import with_noise  # noqa: E402
 
 
-def noise_rows(group_key: str, pairs: int, sigmas: list[float], seed: int = 0) -> list[dict]:
-    """Each pair of the group registered by the default pipeline as it is (sigma 0) and under each noise."""
+# The brain benchmark's rows of these keys (the network is the shipped 2D one, slice by slice on volumes).
+METHODS = {"sar": lambda ndims: baselines.SARMethod("sar", DEFAULT_LABEL, None, ndims, network=False, device="cpu"),
+           "sar_network": lambda ndims: baselines.SARMethod(
+               "sar_network", "SAR network alone", WEIGHTS_DIR / "sar_2d.pt", 2, finetune=False,
+               instance_optimisation=False, device="cpu"),
+           "sar_finetune": lambda ndims: baselines.SARMethod(
+               "sar_finetune", "SAR network + paper finetuning", WEIGHTS_DIR / "sar_2d.pt", 2,
+               instance_optimisation=False, device="cpu")}
+
+
+def noise_rows(group_key: str, method_key: str, pairs: int, sigmas: list[float], seed: int = 0) -> list[dict]:
+    """Each pair of the group registered by the method as it is (sigma 0) and under each noise."""
     group = group_named(group_key)
-    method = baselines.SARMethod("sar", DEFAULT_LABEL, None, group.ndims, network=False, device="cpu")
+    method = METHODS[method_key](group.ndims)
     method.prepare()
     rows = []
     for pair in group_pairs(group, pairs, seed):
@@ -44,16 +55,15 @@ def noise_rows(group_key: str, pairs: int, sigmas: list[float], seed: int = 0) -
             floating = with_noise(pair.floating, sigma, pair.index) if sigma else pair.floating
             row = measure(method, replace(pair, floating=floating))
             rows.append({**row, "sigma": sigma})
-            print(f"  {group.name} pair {pair.index} noise {sigma:g}: Dice {row['dice']:.3f}, "
+            print(f"  {group.name} {method_key} pair {pair.index} noise {sigma:g}: Dice {row['dice']:.3f}, "
                   f"HD95 {row['hd95_mm']:.2f} mm", flush=True)
     return rows
 
 
-def table(group_key: str, rows: list[dict], sigmas: list[float]) -> list[str]:
-    """Per pair, Dice and HD95 as it is and under each noise; then the group's means and largest changes."""
-    name = group_named(group_key).name
+def table(title: str, rows: list[dict], sigmas: list[float]) -> list[str]:
+    """Per pair, Dice and HD95 as it is and under each noise; then the means and largest changes."""
     columns = [0.0, *sigmas]
-    lines = [f"\n**{name}**\n",
+    lines = [f"\n**{title}**\n",
              "| pair | " + " | ".join(f"Dice, noise {s:g}" for s in columns) + " | "
              + " | ".join(f"HD95 (mm), noise {s:g}" for s in columns) + " |",
              "|---" * (2 * len(columns) + 1) + "|"]
@@ -75,6 +85,7 @@ def table(group_key: str, rows: list[dict], sigmas: list[float]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", nargs="+", default=list(DEFAULT_GROUPS), choices=GROUP_KEYS)
+    parser.add_argument("--methods", nargs="+", default=["sar"], choices=list(METHODS))
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1e-5, 2e-5],
                         help="noise sd as a fraction of the floating image's intensity sd")
     parser.add_argument("--pairs", type=int, default=5)
@@ -84,9 +95,11 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     lines = []
     for key in args.groups:
-        group_lines = table(key, noise_rows(key, args.pairs, args.sigmas), args.sigmas)
-        print("\n".join(group_lines), flush=True)
-        lines += group_lines
+        for method in args.methods:
+            rows = noise_rows(key, method, args.pairs, args.sigmas)
+            group_lines = table(f"{group_named(key).name}, {rows[0]['label']}", rows, args.sigmas)
+            print("\n".join(group_lines), flush=True)
+            lines += group_lines
     if args.output:
         command = "python benchmarks/noise_floor.py " + " ".join(argv or sys.argv[1:])
         args.output.write_text(f"# The brain benchmark's noise floor\n\nCommand: `{command}`\n" + "\n".join(lines) + "\n")

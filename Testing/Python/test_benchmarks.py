@@ -338,7 +338,7 @@ def test_noise_floor_table_reports_the_largest_changes():
     rows = [{"pair": pair, "sigma": sigma, "dice": dice, "hd95_mm": hd95}
             for pair, sigma, dice, hd95 in ((0, 0.0, 0.90, 1.0), (0, 1e-5, 0.95, 1.0),
                                             (1, 0.0, 0.80, 2.0), (1, 1e-5, 0.79, 1.0))]
-    lines = noise_floor.table("2d-same", rows, [1e-5])
+    lines = noise_floor.table("2D same contrast, SAR", rows, [1e-5])
     assert "| mean | 0.850 | 0.870 | 1.50 | 1.00 |" in lines
     assert lines[-1].startswith("\nLargest change of a pair's Dice under noise: 0.050; of the group's mean Dice: 0.020; "
                                 "of the group's mean HD95: 0.50 mm")
