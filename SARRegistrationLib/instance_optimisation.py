@@ -199,7 +199,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     if floating_map is not None and "mind" in settings.similarity and floating_on_reference is None:
         raise ValueError("a floating image on its own grid needs floating_on_reference for MIND-SSC")
     if floating_map is not None:  # in grid_sample's order, as the positions it maps
-        map_in_grid_order = (floating_map[0].flip(0).flip(1), floating_map[1].flip(0))
+        floating_map = (floating_map[0].flip(0).flip(1), floating_map[1].flip(0))
     use_masks = settings.mask_weight > 0 and reference_mask is not None and floating_mask is not None
     # numpy's PCG64, not torch's Mersenne twister: the draws of an iteration took half as long.
     generator = np.random.default_rng(settings.seed)
@@ -209,7 +209,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         floating_shape = tuple(-(-n // factor) for n in floating.shape[2:])
         images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, floating_shape)}
         if floating_map is not None:
-            images["floating_map"], images["skip_outside"] = map_in_grid_order, skip_outside
+            images["floating_map"], images["skip_outside"] = floating_map, skip_outside
         if "mind" in settings.similarity:
             images["reference_descriptors"] = losses.mind_ssc(images["reference"])
             images["floating_descriptors"] = losses.mind_ssc(

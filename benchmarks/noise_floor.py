@@ -10,9 +10,9 @@ Instance optimisation's path is a sensitive function of its inputs (see
 optimisation along another path to another optimum. The change of a pair's Dice and HD95 under
 such noise is the smallest difference between two engines, or two settings, that the benchmark
 can tell from chance. The pairs are the brain benchmark's (``brain_benchmark.group_pairs``, same
-seed), registered as its rows of the same keys register them (``sar``: the default pipeline;
-``sar_network``: the shipped network alone; ``sar_finetune``: the network with the paper's
-finetuning) and measured by its ``measure``.
+seed), registered by its own rows of the keys asked for (``brain_benchmark.build_methods``;
+``sar``: the default pipeline; ``sar_network``: the shipped network alone; ``sar_finetune``: the
+network with the paper's finetuning) and measured by its ``measure``.
 """
 
 from __future__ import annotations
@@ -28,26 +28,18 @@ if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib and be
 
 import numpy as np  # noqa: E402
 
-from benchmarks import baselines  # noqa: E402
-from benchmarks.brain_benchmark import DEFAULT_GROUPS, DEFAULT_LABEL, GROUP_KEYS, WEIGHTS_DIR, group_named, \
-    group_pairs, measure, set_threads  # noqa: E402
+from benchmarks.brain_benchmark import DEFAULT_GROUPS, GROUP_KEYS, METHOD_KEYS, build_methods, group_named, \
+    group_pairs, measure, parse_args, set_threads  # noqa: E402
 from benchmarks.contrast_families import with_noise  # noqa: E402
 
 
-# The brain benchmark's rows of these keys (the network is the shipped 2D one, slice by slice on volumes).
-METHODS = {"sar": lambda ndims: baselines.SARMethod("sar", DEFAULT_LABEL, None, ndims, network=False, device="cpu"),
-           "sar_network": lambda ndims: baselines.SARMethod(
-               "sar_network", "SAR network alone", WEIGHTS_DIR / "sar_2d.pt", 2, finetune=False,
-               instance_optimisation=False, device="cpu"),
-           "sar_finetune": lambda ndims: baselines.SARMethod(
-               "sar_finetune", "SAR network + paper finetuning", WEIGHTS_DIR / "sar_2d.pt", 2,
-               instance_optimisation=False, device="cpu")}
+SAR_KEYS = [key for key in METHOD_KEYS if key.startswith("sar")]  # the brain benchmark's SAR rows
 
 
 def noise_rows(group_key: str, method_key: str, pairs: int, sigmas: list[float], seed: int = 0) -> list[dict]:
     """Each pair of the group registered by the method as it is (sigma 0) and under each noise."""
     group = group_named(group_key)
-    method = METHODS[method_key](group.ndims)
+    (method,) = build_methods(group, parse_args(["--methods", method_key]))  # with the benchmark's own settings
     method.prepare()
     rows = []
     for pair in group_pairs(group, pairs, seed):
@@ -85,7 +77,7 @@ def table(title: str, rows: list[dict], sigmas: list[float]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", nargs="+", default=list(DEFAULT_GROUPS), choices=GROUP_KEYS)
-    parser.add_argument("--methods", nargs="+", default=["sar"], choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["sar"], choices=SAR_KEYS)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1e-5, 2e-5],
                         help="noise sd as a fraction of the floating image's intensity sd")
     parser.add_argument("--pairs", type=int, default=5)
