@@ -13,8 +13,11 @@ deformation_families.py``): the engine's 6 mm B-spline, a large deformation (rot
 20 mm B-spline) and the exponential of a random velocity field. Each variant is a set of :class:`OptimisationSettings` fields (and
 ``network=1`` to start from the shipped network's field, ``finetune=0`` to skip the paper's
 finetuning then, ``io=0`` for no instance optimisation, ``noise=S`` to add seeded Gaussian noise of
-``S`` times its intensity sd to each floating image) and is scored by the mean end-point error of
-its field against the applied one (mm), Dice where a mask exists, folding and seconds, and by the
+``S`` times its intensity sd to each floating image, ``peer=KEY`` to register with a peer of the brain
+benchmark instead, ``elastix``, ``ants``, ``greedy`` or ``convexadam`` (3D), with that benchmark's
+settings) and is scored by the mean end-point error of
+its field against the applied one (mm), over the image and inside the reference's mask (the
+foreground in 2D, the structure in 3D: peers that leave the background unmoved lose nothing there), Dice where a mask exists, folding and seconds, and by the
 mean absolute change of the pairs' errors against the first variant. The default variants are
 the defaults and one change of each setting.
 
@@ -27,6 +30,7 @@ session 12). That change is the noise floor against which a setting's effect mus
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -40,11 +44,15 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
+from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 from SARRegistrationLib.deformations import augment_intensity, foreground_mask, random_bspline_transform  # noqa: E402
 from SARRegistrationLib.instance_optimisation import OptimisationSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
 from SARRegistrationLib.synthetic import synthetic_sample  # noqa: E402
 
+from benchmarks import baselines  # noqa: E402
+from benchmarks.brain_benchmark import Group, build_methods, shrunk_pair  # noqa: E402
+from benchmarks.brain_benchmark import parse_args as parse_benchmark_args  # noqa: E402
 from benchmarks.contrast_families import with_noise  # noqa: E402
 from benchmarks.deformation_families import large_deformation_transform, move, velocity_field_transform  # noqa: E402
 
@@ -66,7 +74,8 @@ DEFAULT_VARIANTS = ["defaults:", "network first:network=1,finetune=0", "network 
                     "NMI + MIND-SSC, 2048 MIND samples:similarity=nmi+mind,mind_samples=2048",
                     "NMI + MIND-SSC, 4096 MIND samples:similarity=nmi+mind,mind_samples=4096",
                     "no bias field:bias_field=0", "bias field:bias_field=1"]
-STAGE_OPTIONS = {"network", "finetune", "io", "noise"}
+STAGE_OPTIONS = {"network", "finetune", "io", "noise", "peer"}
+PEERS = ("elastix", "ants", "greedy", "convexadam")
 FAMILIES = {"bspline": lambda image, rng: random_bspline_transform(image, rng, 6.0),
             "large": large_deformation_transform, "velocity": velocity_field_transform}
 
@@ -83,7 +92,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     for assignment in filter(None, assignments.split(",")):
         key, _, value = assignment.partition("=")
         if key in STAGE_OPTIONS:
-            options[key] = float(value) if key == "noise" else _flag(value)
+            if key == "peer" and value not in PEERS:
+                raise SystemExit(f"unknown peer {value!r} in variant {text!r}: one of {', '.join(PEERS)}")
+            options[key] = float(value) if key == "noise" else value if key == "peer" else _flag(value)
         elif key in known:
             type_name = str(getattr(known[key], "__name__", known[key])).removesuffix(" | None")
             kind = {"float": float, "int": int, "str": str, "bool": _flag}[type_name]
@@ -128,24 +139,53 @@ def known_pairs(images, family: str, contrast_change: bool, count: int, seed: in
     return pairs
 
 
-def score(pairs: list[dict], options: dict, model, masks: bool) -> tuple[dict, np.ndarray]:
+def peer_method(key: str, ndims: int, contrast_change: bool, threads: int, first: dict) -> baselines.Method:
+    """The brain benchmark's row ``key``, with that benchmark's settings, for one tuning set, warmed
+    up on a small copy of the set's ``first`` pair. Greedy's metric follows the contrast there (NCC in
+    one contrast, NMI across); so it does here."""
+    group = Group("tuning", "tuning", ndims, "pd" if contrast_change else "same", "bspline", 0, "")
+    methods = build_methods(group, parse_benchmark_args(["--methods", key, "--threads", str(threads)]))
+    if not methods:
+        raise baselines.NotRun(f"not a peer of the brain benchmark in {ndims}D")
+    method, = methods
+    method.prepare()  # raises baselines.NotRun when the peer's package is not installed
+    method.warm_up(shrunk_pair(benchmark_pair(first, 0)))
+    return method
+
+
+def benchmark_pair(pair: dict, index: int, floating: sitk.Image | None = None) -> baselines.Pair:
+    """A tuning pair as the brain benchmark's methods take it."""
+    return baselines.Pair("tuning", index, pair["reference"], pair["floating"] if floating is None else floating,
+                          pair["reference_mask"], pair["floating_mask"])
+
+
+def score(pairs: list[dict], options: dict, model, masks: bool, peer: baselines.Method | None = None) -> tuple[dict, np.ndarray]:
     """Mean field error (mm) against the applied field, Dice (when the masks are a structure), folding,
-    seconds; and each pair's field error."""
-    errors, dice, folded, seconds = [], [], [], []
-    options = dict(options)
+    seconds; and each pair's field error. With ``peer``, the pairs are registered by it instead."""
+    errors, inside, dice, folded, seconds = [], [], [], [], []
+    options = {name: value for name, value in options.items() if name != "peer"}
     noise = options.pop("noise", 0.0)
     for index, pair in enumerate(pairs):
         floating = with_noise(pair["floating"], noise, index) if noise else pair["floating"]
-        result = register(pair["reference"], floating, model if options.get("network") else None,
-                          device="cpu", **options)
-        errors.append(np.linalg.norm(imageio.array_of(result.displacement) - pair["applied"], axis=-1).mean())
+        if peer is None:
+            result = register(pair["reference"], floating, model if options.get("network") else None,
+                              device="cpu", **options)
+            field, elapsed, folding = result.displacement, result.metrics["seconds"], result.metrics["folding_fraction"]
+        else:
+            output = peer.run(benchmark_pair(pair, index, floating))
+            field, elapsed = output.displacement, output.seconds
+        error = np.linalg.norm(imageio.array_of(field) - pair["applied"], axis=-1)
+        errors.append(error.mean())
+        inside.append(error[imageio.array_of(pair["reference_mask"]) > 0].mean())
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        if peer is not None:  # as the brain benchmark measures every row's folding
+            folding = metrics.folding_fraction(transform_to_displacement(transform, pair["reference"]))
         if masks:
-            warped = grids.resample_to(pair["floating_mask"], pair["reference"], label=True,
-                                         transform=result.transform())
+            warped = grids.resample_to(pair["floating_mask"], pair["reference"], label=True, transform=transform)
             dice.append(metrics.dice(imageio.array_of(pair["reference_mask"]), imageio.array_of(warped)))
-        folded.append(100 * result.metrics["folding_fraction"])
-        seconds.append(result.metrics["seconds"])
-    row = {"field error (mm)": np.mean(errors),
+        folded.append(100 * folding)
+        seconds.append(elapsed)
+    row = {"field error (mm)": np.mean(errors), "in the mask (mm)": np.mean(inside),
            "before (mm)": np.mean([np.linalg.norm(pair["applied"], axis=-1).mean() for pair in pairs]),
            "folded (%)": np.mean(folded), "seconds": np.mean(seconds)}
     return ({**row, "Dice": np.mean(dice)} if masks else row), np.array(errors)
@@ -175,7 +215,14 @@ def main(argv=None) -> int:
                 score(pairs[:1], {}, model, False)  # warm-up: no variant pays the process's first-call costs
                 scores, first = {}, None
                 for name, options in variants:
-                    row, errors = score(pairs, options, model, masks=ndims == 3)
+                    peer = None
+                    if "peer" in options:
+                        try:
+                            peer = peer_method(options["peer"], ndims, contrast_change, args.threads, pairs[0])
+                        except baselines.NotRun as reason:
+                            print(f"{name}: not run ({reason})", flush=True)
+                            continue
+                    row, errors = score(pairs, options, model, masks=ndims == 3, peer=peer)
                     first = errors if first is None else first
                     scores[name] = {**row, "mean abs change from the first (mm)": np.abs(errors - first).mean()}
                 columns = list(next(iter(scores.values())))
@@ -186,7 +233,7 @@ def main(argv=None) -> int:
                           for name, row in scores.items()]
                 print("\n".join(lines[-len(scores) - 3:]), flush=True)
     if args.output:
-        command = "python benchmarks/tune_instance_optimisation.py " + " ".join(argv or sys.argv[1:])
+        command = "python benchmarks/tune_instance_optimisation.py " + shlex.join(argv or sys.argv[1:])
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")
     return 0
 

@@ -332,6 +332,36 @@ def test_tuning_variants_take_the_noise_option():
     assert options["instance_optimisation"].iterations == 20
 
 
+def test_tuning_variants_take_a_peer_and_score_it_like_sar():
+    """tune_instance_optimisation's peer=KEY: parsed, refused when unknown, and scored by the same
+    field error as SAR's rows (a peer that returns no motion scores the applied field's size)."""
+    from benchmarks import tune_instance_optimisation as tune
+
+    name, options = tune.parse_variant("Elastix:peer=elastix")
+    assert name == "Elastix" and options["peer"] == "elastix"
+    with pytest.raises(SystemExit, match="unknown peer"):
+        tune.parse_variant("x:peer=nope")
+    with pytest.raises(baselines.NotRun, match="not a peer"):
+        tune.peer_method("convexadam", 2, False, 1, None)  # ConvexAdam is a 3D peer only
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 20)).astype(np.float32))
+    image.SetSpacing((1.5, 1.0))
+    mask = sitk.Cast(sitk.GetImageFromArray(np.pad(np.ones((12, 10), np.uint8), ((6, 6), (5, 5)))), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    pairs = tune.known_pairs([(image, mask)], "bspline", False, 1, seed=3)
+    class Still(baselines.Method):  # a peer that moves nothing, in 0.5 s
+        def run(self, pair):
+            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
+
+    row, errors = tune.score(pairs, {"peer": "still"}, None, masks=True, peer=Still())
+    applied = np.linalg.norm(pairs[0]["applied"], axis=-1)
+    assert applied.mean() > 0.1
+    assert row["field error (mm)"] == pytest.approx(applied.mean()) and errors[0] == pytest.approx(applied.mean())
+    inside = sitk.GetArrayFromImage(pairs[0]["reference_mask"]) > 0
+    assert row["in the mask (mm)"] == pytest.approx(applied[inside].mean())
+    assert row["folded (%)"] == 0 and 0 < row["Dice"] < 1 and row["seconds"] == 0.5
+
+
 def test_noise_floor_table_reports_the_largest_changes():
     from benchmarks import noise_floor
 
