@@ -193,6 +193,21 @@ class AffinePrealignment(enum.Enum):
                 AffinePrealignment.NEVER: False}[self]
 
 
+# Parameters whose type changed between releases, and what the strings an older scene saved for
+# them mean now. parameterNodeWrapper reads an enum by its member's name and raises on any other
+# string, so a scene saved when `affine` was a bool ("True"/"False") could not be opened with this
+# module until its value is renamed. Each old value keeps the behaviour it had.
+LEGACY_PARAMETER_VALUES = {"affine": {"True": AffinePrealignment.ALWAYS.name, "False": AffinePrealignment.NEVER.name}}
+
+
+def migrateParameterNode(node) -> None:
+    """Rename the values an older release saved in this module's parameter node (see above)."""
+    for name, renamed in LEGACY_PARAMETER_VALUES.items():
+        value = node.GetParameter(name)
+        if value in renamed:
+            node.SetParameter(name, renamed[value])
+
+
 class NetworkUse(enum.Enum):
     """The engine's ``network=``; auto: the network runs when weights are given."""
 
@@ -896,7 +911,9 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         self._activeRun: SARRegistrationRun | None = None
 
     def getParameterNode(self):
-        return SARRegistrationParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        migrateParameterNode(node)
+        return SARRegistrationParameterNode(node)
 
     # ------------------------------------------------------------------ Python dependencies
 

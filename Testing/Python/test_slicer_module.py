@@ -1775,3 +1775,18 @@ def test_ui_file_loads_in_qt_and_binds_every_parameter(qt_application, module, m
         else:  # MRML nodes, or a union of node types with None
             assert widget_class == "qMRMLNodeComboBox", name
     assert type(children["weightsPathLineEdit"]).__name__ == "ctkPathLineEdit"
+
+
+def test_scene_of_an_older_release_opens_with_its_affine_choice(module, scene):
+    """`affine` was a bool before the automatic pre-alignment; parameterNodeWrapper reads an enum by
+    its member's name, so the old "True"/"False" are renamed to what they meant, and nothing else."""
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SARRegistration")
+    for saved, meant in (("True", "ALWAYS"), ("False", "NEVER"), ("AUTO", "AUTO"), ("NEVER", "NEVER")):
+        node.SetParameter("affine", saved)
+        node.SetParameter("finetune", "False")  # a bool parameter keeps its value
+        module.migrateParameterNode(node)
+        assert node.GetParameter("affine") == meant and module.AffinePrealignment[meant].name == meant
+        assert node.GetParameter("finetune") == "False"
+    node.UnsetParameter("affine")
+    module.migrateParameterNode(node)
+    assert not node.GetParameter("affine")
