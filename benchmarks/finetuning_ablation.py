@@ -35,7 +35,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import shlex
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from SARRegistrationLib.finetuning import FinetuneSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
 from SARRegistrationLib.synthetic import synthetic_image, synthetic_label_map, synthetic_sample  # noqa: E402
 
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines, command_line  # noqa: E402
 from benchmarks.brain_benchmark import GROUPS, group_pairs, measure  # noqa: E402
 
 DATA_DIR = REPO / "Testing" / "Data"
@@ -355,7 +354,7 @@ def main(argv=None) -> int:
     alone = results[ALONE]
     counts = {group: sum(row["group"] == group for row in alone) for group in GROUP_ORDER}
     lines = ["# Finetuning ablation (issue 12: finetuning that never hurts)", "",
-             f"Command: `python {shlex.join(['benchmarks/finetuning_ablation.py', *sys.argv[1:]])}` "
+             f"Command: `{command_line(__file__, argv)}` "
              f"({time.perf_counter() - started:.0f} s on {args.threads} thread of a shared 2-core CPU; weights "
              "`Resources/Weights/sar_2d.pt`; instance optimisation off, so finetuning is measured alone).", "",
              f"## Tuning set: {len(alone)} non-brain pairs with known fields", "",

@@ -26,7 +26,6 @@ ventricles per pair), which choose nothing.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from SARRegistrationLib import grids, imageio, metrics, registration  # noqa: E4
 from SARRegistrationLib.deformations import foreground_mask  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
 
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines, command_line  # noqa: E402
 from benchmarks.brain_benchmark import GROUPS, group_pairs, measure  # noqa: E402
 from benchmarks.finetuning_ablation import (DICE_TOLERANCE, FIELD_TOLERANCE_MM, REAL_IMAGES, WEIGHTS,  # noqa: E402
                                             finetuning_with, one_image_set)
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
     lines += [family_line(name, totals[name], totals[ALONE]) for name in VARIANTS]
     brain = brain_check(args.brain_pairs, args.brain_seed)
 
-    command = shlex.join(["python", "benchmarks/finetuning_families.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     report = ["# Finetuning beyond small B-splines (issue 12: finetuning that never hurts)", "",
               f"Command: `{command}` ({time.perf_counter() - started:.0f} s on {args.threads} thread; weights "
               "`Resources/Weights/sar_2d.pt`; instance optimisation off).", "",

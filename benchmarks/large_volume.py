@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import signal
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib importable
     sys.path.insert(0, str(REPO))
+
+from benchmarks import command_line  # noqa: E402
 
 MEASUREMENTS = ("default", "network", "cancel", "ctrl-c")
 STAGE = "instance optimisation"  # the progress message of the stage that cancel and Ctrl-C interrupt
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
 
     header = "\n".join([
         "# SARRegistration: large volumes", "",
-        f"Command: `python benchmarks/large_volume.py {shlex.join(argv if argv is not None else sys.argv[1:])}`", "",
+        f"Command: `{command_line(__file__, argv)}`", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"{args.threads} thread(s) per process, device {args.device}. "

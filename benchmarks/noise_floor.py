@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # run as a script: make SARRegistrationLib and be
 
 import numpy as np  # noqa: E402
 
+from benchmarks import command_line  # noqa: E402
 from benchmarks.brain_benchmark import DEFAULT_GROUPS, GROUP_KEYS, METHOD_KEYS, build_methods, group_named, \
     group_pairs, measure, parse_args, set_threads  # noqa: E402
 from benchmarks.contrast_families import with_noise  # noqa: E402
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
             print("\n".join(group_lines), flush=True)
             lines += group_lines
     if args.output:
-        command = "python benchmarks/noise_floor.py " + " ".join(argv or sys.argv[1:])
+        command = command_line(__file__, argv)
         args.output.write_text(f"# The brain benchmark's noise floor\n\nCommand: `{command}`\n" + "\n".join(lines) + "\n")
     return 0
 

@@ -50,6 +50,7 @@ from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
 from SARRegistrationLib.registration import OPTIMISATION_GRID_SIZE  # noqa: E402
 from SARRegistrationLib.deformations import foreground_mask, random_affine_transform, random_bspline_transform  # noqa: E402
 
+from benchmarks import command_line  # noqa: E402
 from benchmarks.deformation_families import move  # noqa: E402
 from benchmarks.tune_instance_optimisation import tuning_images  # noqa: E402
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
                                  + " |")
                     print(lines[-1], flush=True)
     if args.output:
-        command = "python benchmarks/robustness.py " + " ".join(argv or sys.argv[1:])
+        command = command_line(__file__, argv)
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")
     return 0
 

@@ -30,7 +30,6 @@ session 12). That change is the noise floor against which a setting's effect mus
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -44,13 +43,13 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
 from SARRegistrationLib import grids, imageio, metrics, register  # noqa: E402
-from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 from SARRegistrationLib.deformations import augment_intensity, foreground_mask, random_bspline_transform  # noqa: E402
+from SARRegistrationLib.fields import transform_to_displacement  # noqa: E402
 from SARRegistrationLib.instance_optimisation import OptimisationSettings  # noqa: E402
 from SARRegistrationLib.model import load_model  # noqa: E402
 from SARRegistrationLib.synthetic import synthetic_sample  # noqa: E402
 
-from benchmarks import baselines  # noqa: E402
+from benchmarks import baselines, command_line  # noqa: E402
 from benchmarks.brain_benchmark import Group, build_methods, shrunk_pair  # noqa: E402
 from benchmarks.brain_benchmark import parse_args as parse_benchmark_args  # noqa: E402
 from benchmarks.contrast_families import with_noise  # noqa: E402
@@ -233,7 +232,7 @@ def main(argv=None) -> int:
                           for name, row in scores.items()]
                 print("\n".join(lines[-len(scores) - 3:]), flush=True)
     if args.output:
-        command = "python benchmarks/tune_instance_optimisation.py " + shlex.join(argv or sys.argv[1:])
+        command = command_line(__file__, argv)
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")
     return 0
 

@@ -362,6 +362,17 @@ def test_tuning_variants_take_a_peer_and_score_it_like_sar():
     assert row["folded (%)"] == 0 and 0 < row["Dice"] < 1 and row["seconds"] == 0.5
 
 
+def test_reports_give_the_command_as_a_shell_would_rerun_it(monkeypatch):
+    """benchmarks.command_line: the script under benchmarks/, its arguments quoted; [] means none."""
+    from benchmarks import command_line
+
+    assert command_line("/anywhere/benchmarks/noise_floor.py", ["--variant", "SAR default:", "--pairs", "2"]) == \
+        "python benchmarks/noise_floor.py --variant 'SAR default:' --pairs 2"
+    monkeypatch.setattr(sys, "argv", ["robustness.py", "--threads", "1"])
+    assert command_line("robustness.py", []) == "python benchmarks/robustness.py"
+    assert command_line("robustness.py") == "python benchmarks/robustness.py --threads 1"
+
+
 def test_noise_floor_table_reports_the_largest_changes():
     from benchmarks import noise_floor
 
