@@ -8,7 +8,9 @@ Pairs (known deformations): in 2D the rat lung MR slices and the abdominal MR sl
 once with a random contrast remapping (``deformations.augment_intensity``: a bias field, a gamma,
 a non-monotonic intensity curve and noise); in 3D synthetic
 label-map volumes (``synthetic.synthetic_sample``, 64 x 64 x 48 at 2 mm) with the mask of one
-or two labels. The deformation families are the brain benchmark's (``benchmarks/
+or two labels, or with ``--intensities ct`` the same label maps with CT's intensities
+(``contrast_families.ct_like_volume``: air, bone and soft tissues a few tens of HU apart, which
+the 1-99 % normalisation puts into two or three of NMI's 32 bins). The deformation families are the brain benchmark's (``benchmarks/
 deformation_families.py``): the engine's 6 mm B-spline, a large deformation (rotation, shift and a
 20 mm B-spline) and the exponential of a random velocity field. Each variant is a set of :class:`OptimisationSettings` fields (and
 ``network=1`` to start from the shipped network's field, ``finetune=0`` to skip the paper's
@@ -52,7 +54,7 @@ from SARRegistrationLib.synthetic import synthetic_sample  # noqa: E402
 from benchmarks import baselines, command_line  # noqa: E402
 from benchmarks.brain_benchmark import Group, build_methods, shrunk_pair  # noqa: E402
 from benchmarks.brain_benchmark import parse_args as parse_benchmark_args  # noqa: E402
-from benchmarks.contrast_families import with_noise  # noqa: E402
+from benchmarks.contrast_families import ct_like_volume, with_noise  # noqa: E402
 from benchmarks.deformation_families import large_deformation_transform, move, velocity_field_transform  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
@@ -104,18 +106,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {"instance_optimisation": optimisation, **options}
 
 
-def synthetic_volumes(count: int, seed: int) -> list[tuple[sitk.Image, sitk.Image]]:
-    return [synthetic_sample((48, 64, 64), np.random.default_rng((seed, index)), spacing=(2.0, 2.0, 2.0))
-            for index in range(count)]
+# How the synthetic 3D volumes get their intensities (--intensities).
+VOLUME_KINDS = {"mr": lambda rng: synthetic_sample((48, 64, 64), rng, spacing=(2.0, 2.0, 2.0)),
+                "ct": lambda rng: ct_like_volume((48, 64, 64), rng)}
 
 
-def tuning_images(ndims: int, volumes: int, seed: int) -> list[tuple[sitk.Image, sitk.Image]]:
+def tuning_images(ndims: int, volumes: int, seed: int, intensities: str = "mr") -> list[tuple[sitk.Image, sitk.Image]]:
     """The tuning images with their masks: the 2D real non-brain slices (foreground masks), or
-    ``volumes`` synthetic label-map volumes."""
+    ``volumes`` synthetic label-map volumes with ``intensities`` of :data:`VOLUME_KINDS`."""
     if ndims == 2:
         return [(image, foreground_mask(image)) for image in
                 (sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) for path in IMAGES_2D)]
-    return synthetic_volumes(volumes, seed)
+    return [VOLUME_KINDS[intensities](np.random.default_rng((seed, index))) for index in range(volumes)]
 
 
 def known_pairs(images, family: str, contrast_change: bool, count: int, seed: int) -> list[dict]:
@@ -196,41 +198,53 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--pairs", type=int, default=2, help="deformations per image, family and contrast setting")
     parser.add_argument("--volumes", type=int, default=3, help="synthetic 3D volumes")
+    parser.add_argument("--intensities", choices=list(VOLUME_KINDS), default="mr",
+                        help="the 3D volumes' intensities: MR-like (random per label) or CT-like (HU)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variant", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--output", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.intensities != "mr" and 2 in args.dims:
+        parser.error("--intensities chooses the synthetic 3D volumes' intensities; give it with --dims 3")
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     variants = [parse_variant(text) for text in args.variant]
     model = load_model(ndims=2)
-    images = {ndims: tuning_images(ndims, args.volumes, args.seed) for ndims in (2, 3)}
+    images = {ndims: tuning_images(ndims, args.volumes, args.seed, args.intensities) for ndims in args.dims}
     lines = []
     for ndims in args.dims:
         for family in args.families:
             for contrast_change in (False, True):
                 pairs = known_pairs(images[ndims], family, contrast_change, args.pairs, args.seed)
                 score(pairs[:1], {}, model, False)  # warm-up: no variant pays the process's first-call costs
-                scores, first = {}, None
+                scores, first, absent = {}, None, []
                 for name, options in variants:
                     peer = None
                     if "peer" in options:
                         try:
                             peer = peer_method(options["peer"], ndims, contrast_change, args.threads, pairs[0])
                         except baselines.NotRun as reason:
-                            print(f"{name}: not run ({reason})", flush=True)
+                            absent.append(f"{name}: not run ({reason})")
                             continue
-                    row, errors = score(pairs, options, model, masks=ndims == 3, peer=peer)
+                    try:
+                        row, errors = score(pairs, options, model, masks=ndims == 3, peer=peer)
+                    except Exception as error:  # noqa: BLE001 - a peer that fails on a pair is a result, not the end
+                        if peer is None:
+                            raise
+                        absent.append(f"{name}: failed on a pair ({type(error).__name__}: {error})")
+                        continue
                     first = errors if first is None else first
                     scores[name] = {**row, "mean abs change from the first (mm)": np.abs(errors - first).mean()}
                 columns = list(next(iter(scores.values())))
-                title = (f"{ndims}D {'real non-brain' if ndims == 2 else 'synthetic'}, {family}, "
+                source = "real non-brain" if ndims == 2 else f"synthetic{', CT-like' if args.intensities == 'ct' else ''}"
+                title = (f"{ndims}D {source}, {family}, "
                          f"{'contrast change' if contrast_change else 'same contrast'} ({len(pairs)} pairs)")
                 lines += [f"\n{title}\n", "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
                 lines += [f"| {name} | " + " | ".join(f"{value:.3f}" for value in row.values()) + " |"
                           for name, row in scores.items()]
-                print("\n".join(lines[-len(scores) - 3:]), flush=True)
+                lines += [f"\nNot in the table: {reason}" for reason in absent]
+                print("\n".join(lines[-len(scores) - 3 - len(absent):]), flush=True)
     if args.output:
         command = command_line(__file__, argv)
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")

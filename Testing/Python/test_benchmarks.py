@@ -324,6 +324,33 @@ def test_noise_far_below_the_image_keeps_its_geometry_and_type_and_is_seeded():
     assert not np.array_equal(_array(contrast_families.with_noise(image, 1e-5, seed=2)), _array(noisy))
 
 
+def test_ct_like_volumes_put_the_soft_tissues_into_a_few_of_nmis_bins():
+    """contrast_families.ct_like_volume: HU intensities, a soft-tissue structure, and after the
+    engine's normalisation most voxels within a few of 32 histogram bins (what the set tests)."""
+    from SARRegistrationLib.imageio import normalise_intensity
+
+    image, mask = contrast_families.ct_like_volume((24, 32, 32), np.random.default_rng(0), spacing=(2.0, 2.0, 3.0))
+    values, structure = _array(image), _array(mask) > 0
+    assert image.GetSpacing() == (2.0, 2.0, 3.0) and mask.GetSpacing() == image.GetSpacing()
+    assert values.min() < -900 and values.max() > 500  # air and bone
+    assert 0 < structure.mean() < 0.9
+    assert abs(values[structure].mean()) < 150  # a soft tissue, between air and bone
+    counts, _ = np.histogram(normalise_intensity(values), bins=32, range=(0, 1))
+    assert np.sort(counts)[-3:].sum() > 0.5 * values.size
+    again, _ = contrast_families.ct_like_volume((24, 32, 32), np.random.default_rng(0), spacing=(2.0, 2.0, 3.0))
+    assert np.array_equal(_array(again), values)
+
+
+def test_tuning_takes_ct_like_volumes_in_3d_only(capsys):
+    from benchmarks import tune_instance_optimisation as tune
+
+    (image, mask), = tune.tuning_images(3, 1, seed=0, intensities="ct")
+    assert _array(image).min() < -900 and image.GetSize() == (64, 64, 48)
+    with pytest.raises(SystemExit):
+        tune.main(["--dims", "2", "3", "--intensities", "ct"])
+    assert "give it with --dims 3" in capsys.readouterr().err
+
+
 def test_tuning_variants_take_the_noise_option():
     from benchmarks.tune_instance_optimisation import parse_variant
 
@@ -360,6 +387,30 @@ def test_tuning_variants_take_a_peer_and_score_it_like_sar():
     inside = sitk.GetArrayFromImage(pairs[0]["reference_mask"]) > 0
     assert row["in the mask (mm)"] == pytest.approx(applied[inside].mean())
     assert row["folded (%)"] == 0 and 0 < row["Dice"] < 1 and row["seconds"] == 0.5
+
+
+def test_a_peer_that_fails_on_a_tuning_set_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
+    from benchmarks import tune_instance_optimisation as tune
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 20)).astype(np.float32))
+    mask = sitk.Cast(image > 0.5, sitk.sitkUInt8)
+    class Still(baselines.Method):
+        def run(self, pair):
+            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
+
+    class Broken(baselines.Method):
+        def run(self, pair):
+            raise RuntimeError("Registration failed with error code 1")
+
+    monkeypatch.setattr(tune, "tuning_images", lambda *args: [(image, mask)])
+    monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
+    monkeypatch.setattr(tune, "peer_method", lambda key, *args: Broken() if key == "ants" else Still())
+    output = tmp_path / "tuning.md"
+    tune.main(["--dims", "2", "--families", "bspline", "--pairs", "1", "--variant", "broken:peer=ants",
+               "still:peer=elastix", "--output", str(output)])
+    text = output.read_text()
+    assert "| still |" in text and "| broken |" not in text
+    assert "Not in the table: broken: failed on a pair (RuntimeError: Registration failed with error code 1)" in text
 
 
 def test_reports_give_the_command_as_a_shell_would_rerun_it(monkeypatch):
