@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-
 from scipy import ndimage
 
 from SARRegistrationLib.deformations import smooth_noise

@@ -341,7 +341,7 @@ def test_ct_like_volumes_put_the_soft_tissues_into_a_few_of_nmis_bins():
     assert np.array_equal(_array(again), values)
 
 
-def test_tuning_takes_ct_like_volumes_in_3d_only(capsys):
+def test_tuning_takes_ct_like_volumes_in_3d_and_in_one_contrast_only(capsys, monkeypatch, tmp_path):
     from benchmarks import tune_instance_optimisation as tune
 
     (image, mask), = tune.tuning_images(3, 1, seed=0, intensities="ct")
@@ -349,6 +349,20 @@ def test_tuning_takes_ct_like_volumes_in_3d_only(capsys):
     with pytest.raises(SystemExit):
         tune.main(["--dims", "2", "3", "--intensities", "ct"])
     assert "give it with --dims 3" in capsys.readouterr().err
+
+    class Still(baselines.Method):
+        def run(self, pair):
+            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
+
+    small = [(sitk.Shrink(image, [4, 4, 4]), sitk.Shrink(mask, [4, 4, 4]))]
+    monkeypatch.setattr(tune, "tuning_images", lambda *args: small)
+    monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
+    monkeypatch.setattr(tune, "peer_method", lambda *args: Still())
+    output = tmp_path / "ct.md"
+    tune.main(["--dims", "3", "--intensities", "ct", "--families", "bspline", "--pairs", "1",
+               "--variant", "still:peer=greedy", "--output", str(output)])
+    text = output.read_text()
+    assert "3D synthetic, CT-like, bspline, same contrast" in text and "contrast change" not in text
 
 
 def test_tuning_variants_take_the_noise_option():
