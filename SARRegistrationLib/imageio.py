@@ -136,6 +136,21 @@ def normalise_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_
     return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
 
 
+# CT is calibrated in Hounsfield units: air at -1000, and outside the field of view scanners write
+# -1024, -2048 or -3024. So a CT image's lowest voxel lies between these two values; MR, PET and
+# ultrasound intensities are not negative, and an image stretched over a signed type's range goes
+# far lower.
+HOUNSFIELD_AIR, HOUNSFIELD_PADDING = -500.0, -3100.0
+
+
+def in_hounsfield_units(image: sitk.Image) -> bool:
+    """Whether ``image`` looks like CT in Hounsfield units: its lowest voxel is air or a scanner's
+    padding, between :data:`HOUNSFIELD_PADDING` and :data:`HOUNSFIELD_AIR`."""
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    return HOUNSFIELD_PADDING <= extremes.GetMinimum() <= HOUNSFIELD_AIR
+
+
 def array_of(image: sitk.Image) -> np.ndarray:
     """A copy of the voxels as a numpy array in SimpleITK's ``z, y, x`` order."""
     return sitk.GetArrayFromImage(image)

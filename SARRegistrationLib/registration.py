@@ -390,6 +390,9 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
     or None) on the optimisation ``grid``, then :func:`optimise_residual`. ``overlap`` is the fraction
     of the reference that the floating image covers. Returns the total field on ``grid`` in voxels
     and a summary."""
+    if settings.equalise is None:  # CT to CT: NMI compares the images equalised (OptimisationSettings.equalise)
+        settings = replace(settings, equalise=imageio.in_hounsfield_units(reference)
+                           and imageio.in_hounsfield_units(floating))
     fixed = network_input(reference, grid, False, device)
     native = _floating_on_its_own_grid(floating, grid, prealignment, device)
     resolved = settings.for_dimension(fixed.dim() - 2)
@@ -412,7 +415,7 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
                                floating_on_reference=None if native is None else resampled, skip_outside=skip_outside,
                                spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
-               "similarity": resolved.similarity, "bias_field": resolved.bias_field,
+               "similarity": resolved.similarity, "bias_field": resolved.bias_field, "equalised": settings.equalise,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
                "kept_first_estimate": result.kept_initial,
                "floating_read_on_its_own_grid": native is not None,

@@ -9,7 +9,8 @@ from helpers import one_torch_thread  # noqa: F401 - autouse fixture
 from SARRegistrationLib import register
 from SARRegistrationLib.deformations import known_deformation
 from SARRegistrationLib.errors import RegistrationCancelled, SettingsError
-from SARRegistrationLib.instance_optimisation import OptimisationSettings, optimise_residual
+from SARRegistrationLib.imageio import in_hounsfield_units
+from SARRegistrationLib.instance_optimisation import OptimisationSettings, equalised, optimise_residual
 from SARRegistrationLib.optimisers import Adam
 
 
@@ -50,7 +51,7 @@ def test_defaults_follow_the_images_dimension_and_explicit_settings_win(read_tes
         assert OptimisationSettings(similarity="mind", iterations=7).for_dimension(ndims).similarity == "mind"
     volume = sitk.Cast(sitk.Shrink(read_test_image("brain3d_t1.nii.gz"), [8, 8, 4]), sitk.sitkFloat32)
     summary = register(volume, volume, device="cpu").metrics["instance_optimisation"]
-    assert summary["similarity"] == "nmi" and summary["bias_field"] is True
+    assert summary["similarity"] == "nmi" and summary["bias_field"] is True and summary["equalised"] is False
 
 
 def test_fine_voxels_take_steps_of_at_most_one_voxel(lung_pair):
@@ -160,6 +161,8 @@ def test_bad_settings_are_refused(lung_pair):
         OptimisationSettings(mind_samples=0).check()
     with pytest.raises(SettingsError, match="bias field setting must be True or False"):
         OptimisationSettings(bias_field="yes").check()
+    with pytest.raises(SettingsError, match="equalise setting must be True or False"):
+        OptimisationSettings(equalise="auto").check()
     with pytest.raises(SettingsError, match="averaged fraction must be a number from 0 to 1"):
         OptimisationSettings(averaged_fraction=1.5).check()
 
@@ -279,3 +282,49 @@ def test_a_floating_image_that_covers_part_of_the_reference_is_registered_where_
         assert summary["samples_outside_floating_left_out"] is (name == "cropped")
         errors[name] = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1)[covered].mean()
     assert errors["cropped"] < 1.5 * errors["whole"]
+
+
+def test_equalisation_spreads_a_narrow_band_and_keeps_the_order_of_intensities():
+    """Half the voxels air (one value), 45 % a soft-tissue band 3 % of the range wide, 5 % bone:
+    equalised, the band covers about half of [0, 1], air sits at the middle of its ranks, and no
+    two intensities change order."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.zeros(5000), rng.uniform(0.50, 0.53, 4500), np.ones(500)])
+    image = torch.from_numpy(rng.permutation(values).astype(np.float32)).view(1, 1, 100, 100)
+    spread = equalised(image)
+    assert spread.shape == image.shape and spread.dtype == image.dtype
+    band = spread[(image >= 0.5) & (image <= 0.53)]
+    assert float(band.max() - band.min()) > 0.4
+    assert float(spread[image == 0].unique()) == pytest.approx(0.25, abs=0.01)
+    assert float(spread[image == 1].unique()) == pytest.approx(0.975, abs=0.01)
+    order = torch.argsort(image.flatten(), stable=True)
+    assert torch.all(torch.diff(spread.flatten()[order]) >= 0)
+    constant = torch.full((1, 1, 8, 8), 0.3)
+    assert torch.equal(equalised(constant), constant)
+
+
+def test_ct_pairs_are_recognised_and_nmi_compares_them_equalised(lung_pair, read_test_image):
+    """The lung image in Hounsfield units (air at -1000, the lung's tissue squeezed into -80 to 80):
+    NMI's 32 bins see little inside the body, so CT to CT is equalised, and the field is recovered
+    five times better than without (0.037 against 0.197 mm here, of 1.2 mm applied)."""
+    reference, floating, transform = lung_pair
+    unit = sitk.GetArrayFromImage(floating)
+    unit = (unit - unit.min()) / (unit.max() - unit.min())
+    noise = 5 * np.random.default_rng(0).standard_normal(unit.shape)
+    hu = sitk.GetImageFromArray((np.where(unit < 0.12, -1000.0, -80 + 160 * unit) + noise).astype(np.float32))
+    hu.CopyInformation(floating)
+    moved = sitk.Resample(hu, hu, transform, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)  # as known_deformation moves
+    assert in_hounsfield_units(hu) and in_hounsfield_units(moved)
+    assert not any(in_hounsfield_units(read_test_image(name)) for name in ("brain_t1.nrrd", "rat_lung_1.nrrd"))
+    assert in_hounsfield_units(sitk.Cast(moved - 2024.0, sitk.sitkInt16))  # -3024 padding, as some scanners write
+    assert not in_hounsfield_units(sitk.Cast(moved * 30.0, sitk.sitkInt16))  # a signed type's range stretched
+    applied = _applied_field(transform, reference)
+    errors = {}
+    for equalise in (None, False):
+        result = register(moved, hu, device="cpu", optimisation_similarity="nmi",
+                          instance_optimisation=OptimisationSettings(equalise=equalise))
+        assert result.metrics["instance_optimisation"]["equalised"] is (equalise is None)
+        errors[equalise] = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
+    assert errors[None] < 0.5 * errors[False], errors
+    mr_and_ct = register(reference, hu, device="cpu").metrics["instance_optimisation"]
+    assert mr_and_ct["equalised"] is False  # only CT to CT
