@@ -1462,6 +1462,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 seconds=number(optimisation.get("seconds"), 1, " s"))
             similarity = {"nmi": "NMI", "nmi+mind": "NMI + MIND-SSC", "mind": "MIND-SSC"}.get(
                 (optimisation or {}).get("similarity"))
+            if similarity and (optimisation or {}).get("equalised"):
+                similarity += _(" of the equalised CT intensities")
             if similarity and (optimisation or {}).get("bias_field"):
                 similarity += _(" with a bias field")
             rows.append((_("Instance optimisation"), "", f"{text}, {similarity}" if similarity else text))

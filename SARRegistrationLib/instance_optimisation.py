@@ -322,19 +322,24 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     return OptimisationResult(displacement, done, start_loss, final_loss, False, history)
 
 
-def equalised(image: torch.Tensor, samples: int = 65536) -> torch.Tensor:
-    """``image`` remapped by its own cumulative histogram into [0, 1]: each intensity to the mid-rank
-    of its value among (an evenly strided subset of at most ``samples`` of) the image's voxels, linear
-    in between. Monotonic, so it keeps every boundary; a value many voxels share (air, a padded
-    border) maps to the middle of its ranks rather than swallowing the range above it."""
-    values = image.detach().cpu().numpy()
-    flat = values.ravel()
-    subset = np.sort(flat[::max(1, flat.size // samples)]).astype(np.float64)
-    levels, first, counts = np.unique(subset, return_index=True, return_counts=True)
-    if levels.size < 2:
+def equalised(image: torch.Tensor, samples: int = 65536, levels: int = 4096) -> torch.Tensor:
+    """``image`` (intensities in [0, 1]) remapped by its own cumulative histogram into [0, 1]: each
+    intensity to the mid-rank of its value among an evenly strided subset of at most ``samples`` of
+    the voxels. Monotonic, so it keeps every boundary; a value many voxels share (air, a padded
+    border) maps to the middle of its ranks rather than swallowing the range above it. The curve
+    is tabulated at ``levels`` even steps and read linearly, not searched for every voxel: on a
+    volume's 4 M voxels the search took about 0.5 s an image."""
+    flat = image.detach().flatten()
+    subset = flat[::max(1, flat.numel() // samples)].sort().values
+    if subset[0] == subset[-1]:
         return image
-    ranks = (first + counts / 2) / subset.size
-    return torch.from_numpy(np.interp(values, levels, ranks).astype(np.float32)).to(image)
+    steps = torch.linspace(0, 1, levels, dtype=image.dtype, device=image.device)
+    below, up_to = (torch.searchsorted(subset, steps, right=right) for right in (False, True))
+    curve = (below + up_to).to(image.dtype) / (2 * subset.numel())
+    position = image.clamp(0, 1) * (levels - 1)
+    lower = position.floor().clamp_(max=levels - 2)
+    index = lower.long()
+    return torch.lerp(curve[index], curve[index + 1], position - lower)
 
 
 def _points(shape, samples: int, generator: np.random.Generator, like: torch.Tensor) -> torch.Tensor:

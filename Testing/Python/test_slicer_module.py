@@ -1258,6 +1258,10 @@ def test_measures_are_tabulated(module):
     with_bias = module.SARRegistrationLogic.metricsRows({"instance_optimisation": {
         "levels": 3, "iterations": 240, "seconds": 2.0, "similarity": "nmi", "bias_field": True}})
     assert with_bias == [("Instance optimisation", "", "3 levels, 240 iterations, 2.0 s, NMI with a bias field")]
+    ct = module.SARRegistrationLogic.metricsRows({"instance_optimisation": {
+        "levels": 3, "iterations": 240, "seconds": 2.0, "similarity": "nmi", "bias_field": True, "equalised": True}})
+    assert ct == [("Instance optimisation", "", "3 levels, 240 iterations, 2.0 s, "
+                                                "NMI of the equalised CT intensities with a bias field")]
     aligned = module.SARRegistrationLogic.metricsRows({"affine_prealignment": True, "rigid_search": {
         "gain": 0.12, "rotation_degrees": [-20.0], "shift_mm": [8.0, 0.0]}})
     assert aligned == [("Pre-alignment", "", "affine, from a rotation of -20° and a shift of 8, 0 mm "
