@@ -10,6 +10,8 @@ masks. NMI does not survive a bias field, the smooth intensity gain of MR coils:
 has several intensities across the image, and the field bends to explain them. So a smooth gain
 of the floating image (its intensities times ``1 + g``, ``g`` on a 4-point-per-axis grid,
 :data:`BIAS_FIELD_POINTS`) is optimised with the residual and applied before the histogram.
+Nor does NMI see CT's soft tissues, which lie within a few of its bins between air and bone: two
+CT images are compared equalised (:func:`equalised`, ``OptimisationSettings.equalise``).
 Each iteration compares at most ``samples`` voxels (half as many at the coarser levels), drawn at
 random (as Elastix's random sampler does), so its cost does not grow with the image: a 3D volume
 costs about what a 2D image does. The draws fall anywhere, not on voxel centres: at voxel centres
@@ -115,7 +117,7 @@ class OptimisationSettings:
     # air and bone, so after the 1-99 % normalisation most voxels and every boundary inside the body
     # fall into two or three of the 32 bins; equalised, each band gets bins in proportion to its
     # voxels. On CT-like synthetic volumes it lowered the error in the mask from 0.380 / 1.062 /
-    # 1.751 mm to 0.310 / 0.374 / 0.720 (B-splines, large deformations, velocity fields; Greedy's
+    # 1.751 mm to 0.310 / 0.374 / 0.723 (B-splines, large deformations, velocity fields; Greedy's
     # NCC 0.241 / 0.722 / 1.056), but on MR it cost up to 90 % in 2D and 13 % in 3D
     # (benchmarks/results/instance_optimisation_tuning.md, session 14). None: on when both images are
     # CT (imageio.in_hounsfield_units; register decides, optimise_residual alone takes None as off).
