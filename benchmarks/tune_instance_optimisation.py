@@ -240,15 +240,18 @@ def main(argv=None) -> int:
                         continue
                     first = errors if first is None else first
                     scores[name] = {**row, "mean abs change from the first (mm)": np.abs(errors - first).mean()}
-                columns = list(next(iter(scores.values())))
                 source = "real non-brain" if ndims == 2 else f"synthetic{', CT-like' if args.intensities == 'ct' else ''}"
                 title = (f"{ndims}D {source}, {family}, "
                          f"{'contrast change' if contrast_change else 'same contrast'} ({len(pairs)} pairs)")
-                lines += [f"\n{title}\n", "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-                lines += [f"| {name} | " + " | ".join(f"{value:.3f}" for value in row.values()) + " |"
-                          for name, row in scores.items()]
+                start = len(lines)
+                lines.append(f"\n{title}\n")
+                if scores:  # none when every variant of the set was a peer that did not run or failed
+                    columns = list(next(iter(scores.values())))
+                    lines += ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+                    lines += [f"| {name} | " + " | ".join(f"{value:.3f}" for value in row.values()) + " |"
+                              for name, row in scores.items()]
                 lines += [f"\nNot in the table: {reason}" for reason in absent]
-                print("\n".join(lines[-len(scores) - 3 - len(absent):]), flush=True)
+                print("\n".join(lines[start:]), flush=True)
     if args.output:
         command = command_line(__file__, argv)
         args.output.write_text(f"`{command}`\n" + "\n".join(lines) + "\n")

@@ -49,6 +49,13 @@ def _array(image):
     return sitk.GetArrayFromImage(image)
 
 
+class StillPeer(baselines.Method):
+    """A stand-in peer for the tuning script: it moves nothing, in 0.5 s."""
+
+    def run(self, pair):
+        return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
+
+
 def test_pairs_are_known_deformations_of_the_floating_image(tiny_pair):
     pair = tiny_pair[0]
     assert pair.dataset == "2D T1->PD"
@@ -350,14 +357,10 @@ def test_tuning_takes_ct_like_volumes_in_3d_and_in_one_contrast_only(capsys, mon
         tune.main(["--dims", "2", "3", "--intensities", "ct"])
     assert "give it with --dims 3" in capsys.readouterr().err
 
-    class Still(baselines.Method):
-        def run(self, pair):
-            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
-
     small = [(sitk.Shrink(image, [4, 4, 4]), sitk.Shrink(mask, [4, 4, 4]))]
     monkeypatch.setattr(tune, "tuning_images", lambda *args: small)
     monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
-    monkeypatch.setattr(tune, "peer_method", lambda *args: Still())
+    monkeypatch.setattr(tune, "peer_method", lambda *args: StillPeer())
     output = tmp_path / "ct.md"
     tune.main(["--dims", "3", "--intensities", "ct", "--families", "bspline", "--pairs", "1",
                "--variant", "still:peer=greedy", "--output", str(output)])
@@ -390,11 +393,7 @@ def test_tuning_variants_take_a_peer_and_score_it_like_sar():
     mask = sitk.Cast(sitk.GetImageFromArray(np.pad(np.ones((12, 10), np.uint8), ((6, 6), (5, 5)))), sitk.sitkUInt8)
     mask.CopyInformation(image)
     pairs = tune.known_pairs([(image, mask)], "bspline", False, 1, seed=3)
-    class Still(baselines.Method):  # a peer that moves nothing, in 0.5 s
-        def run(self, pair):
-            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
-
-    row, errors = tune.score(pairs, {"peer": "still"}, None, masks=True, peer=Still())
+    row, errors = tune.score(pairs, {"peer": "still"}, None, masks=True, peer=StillPeer())
     applied = np.linalg.norm(pairs[0]["applied"], axis=-1)
     assert applied.mean() > 0.1
     assert row["field error (mm)"] == pytest.approx(applied.mean()) and errors[0] == pytest.approx(applied.mean())
@@ -408,9 +407,6 @@ def test_a_peer_that_fails_on_a_tuning_set_is_reported_and_the_run_goes_on(monke
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 20)).astype(np.float32))
     mask = sitk.Cast(image > 0.5, sitk.sitkUInt8)
-    class Still(baselines.Method):
-        def run(self, pair):
-            return baselines.MethodOutput(baselines.identity_field(pair.reference), 0.5)
 
     class Broken(baselines.Method):
         def run(self, pair):
@@ -418,13 +414,16 @@ def test_a_peer_that_fails_on_a_tuning_set_is_reported_and_the_run_goes_on(monke
 
     monkeypatch.setattr(tune, "tuning_images", lambda *args: [(image, mask)])
     monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
-    monkeypatch.setattr(tune, "peer_method", lambda key, *args: Broken() if key == "ants" else Still())
+    monkeypatch.setattr(tune, "peer_method", lambda key, *args: Broken() if key == "ants" else StillPeer())
     output = tmp_path / "tuning.md"
     tune.main(["--dims", "2", "--families", "bspline", "--pairs", "1", "--variant", "broken:peer=ants",
                "still:peer=elastix", "--output", str(output)])
     text = output.read_text()
     assert "| still |" in text and "| broken |" not in text
     assert "Not in the table: broken: failed on a pair (RuntimeError: Registration failed with error code 1)" in text
+    tune.main(["--dims", "2", "--families", "bspline", "--pairs", "1", "--variant", "broken:peer=ants",
+               "--output", str(output)])  # a set where every variant failed still gets its title and its reason
+    assert output.read_text().count("Not in the table: broken: failed on a pair") == 2
 
 
 def test_reports_give_the_command_as_a_shell_would_rerun_it(monkeypatch):
