@@ -312,3 +312,18 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     first, again, other = (run.generator.state_dict() for run in runs)
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+def test_progress_bar_redraws_at_most_every_refresh_interval_and_always_shows_the_end(capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    with cli._ProgressBar("registering") as bar:
+        for step in range(100):  # 100 reports within 0.099 s: one redraw, the first
+            bar.update(step / 200, f"iteration {step}")
+            clock[0] += 0.001
+        clock[0] += cli.REFRESH_SECONDS
+        bar.update(0.6, "iteration late")  # after the interval: redrawn
+        bar.update(1.0, "done")  # the end: redrawn at once
+        drawn = capsys.readouterr().err
+    assert "iteration 0" in drawn and "iteration late" in drawn and "done" in drawn
+    assert not any(f"iteration {step}" in drawn for step in range(1, 100))
