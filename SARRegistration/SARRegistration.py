@@ -241,6 +241,21 @@ class ImageSimilarity(enum.Enum):
         return None if self is ImageSimilarity.AUTO else self.value
 
 
+class CtEqualisation(enum.Enum):
+    """The engine's ``optimisation_equalise=``; auto: when both volumes are CT (Hounsfield units)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    def label(self) -> str:
+        return {CtEqualisation.AUTO: _("When both volumes are CT (the engine's default)"),
+                CtEqualisation.ON: _("Always"), CtEqualisation.OFF: _("Never")}[self]
+
+    def engineValue(self) -> bool | None:
+        return {CtEqualisation.AUTO: None, CtEqualisation.ON: True, CtEqualisation.OFF: False}[self]
+
+
 class RegistrationPreset(enum.Enum):
     ACCURATE = "accurate"
     FAST = "fast"
@@ -285,6 +300,7 @@ class SARRegistrationParameterNode:
     optimisationLevels: Annotated[int, WithinRange(1, 8)] = 3
     biasField: bool = True
     similarity: ImageSimilarity = ImageSimilarity.AUTO
+    equalise: CtEqualisation = CtEqualisation.AUTO
     weightsPath: str = ""
     ignoreMask: StructureNode
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -538,7 +554,8 @@ class SARRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 optimisationIterations=decisions.engineIterations(parameters.optimisationIterations),
                 optimisationLevels=parameters.optimisationLevels,
                 optimisationBiasField=parameters.biasField,
-                optimisationSimilarity=parameters.similarity.engineValue(), weightsPath=parameters.weightsPath or None,
+                optimisationSimilarity=parameters.similarity.engineValue(),
+                optimisationEqualise=parameters.equalise.engineValue(), weightsPath=parameters.weightsPath or None,
                 computeInverse=parameters.computeInverse, computeJacobian=parameters.computeJacobian,
                 warpedVolume=parameters.warpedVolume, transform=parameters.transform,
                 inverseTransform=parameters.inverseTransform, jacobianVolume=parameters.jacobianVolume,
@@ -1025,7 +1042,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                  smoothness: float | None = None, instanceOptimisation: bool = True,
                  optimisationIterations: int | None = None, optimisationLevels: int | None = None,
                  optimisationBiasField: bool | None = None, optimisationSimilarity: str | None = None,
-                 weightsPath=None, model=None, computeInverse: bool = False, computeJacobian: bool = False,
+                 optimisationEqualise: bool | None = None, weightsPath=None, model=None,
+                 computeInverse: bool = False, computeJacobian: bool = False,
                  warpedVolume=None, transform=None, inverseTransform=None, jacobianVolume=None,
                  referenceMaskSegmentation=None, floatingMaskSegmentation=None, warpedSegmentation=None,
                  progress: Callable[[float, str], None] | None = None,
@@ -1058,8 +1076,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 or None, the engine's default, which runs it only when ``weightsPath`` or ``model``
                 is given (instance optimisation from the identity otherwise).
             affine, finetune, maxIterations, tolerance, smoothness, instanceOptimisation,
-                optimisationIterations, optimisationLevels, optimisationBiasField, optimisationSimilarity:
-                as in the engine's ``register`` (None keeps the engine's default).
+                optimisationIterations, optimisationLevels, optimisationBiasField, optimisationSimilarity,
+                optimisationEqualise: as in the engine's ``register`` (None keeps the engine's default).
             weightsPath: a SAR weights file; None takes the shipped weights. ``model``, a loaded
                 ``SARRegistrationLib.SARModel``, overrides it.
             computeInverse, computeJacobian: also make the inverse transform (floating world to
@@ -1113,8 +1131,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def _prepare(self, referenceVolume, floatingVolume, referenceStructure, floatingStructure, *, ignoreMask,
                  initialTransform, referenceLandmarks, floatingLandmarks, mode, device, affine, network, finetune,
                  maxIterations, tolerance, smoothness, instanceOptimisation, optimisationIterations,
-                 optimisationLevels, optimisationBiasField, optimisationSimilarity, weightsPath, model,
-                 computeInverse, computeJacobian,
+                 optimisationLevels, optimisationBiasField, optimisationSimilarity, optimisationEqualise, weightsPath,
+                 model, computeInverse, computeJacobian,
                  warpedVolume, transform, inverseTransform, jacobianVolume, referenceMaskSegmentation,
                  floatingMaskSegmentation, warpedSegmentation) -> _PreparedRun:
         """Check the inputs and read everything the run needs from the scene (main thread)."""
@@ -1156,7 +1174,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                          "instance_optimisation": instanceOptimisation,
                          "optimisation_iterations": optimisationIterations, "optimisation_levels": optimisationLevels,
                          "optimisation_bias_field": optimisationBiasField,
-                         "optimisation_similarity": optimisationSimilarity}
+                         "optimisation_similarity": optimisationSimilarity,
+                         "optimisation_equalise": optimisationEqualise}
         settings = {**engineOptions, "weights": None if weightsPath is None else str(weightsPath),
                     "initial_transform": initialTransform.GetName() if initialTransform is not None else None,
                     "compute_inverse": computeInverse, "compute_jacobian": computeJacobian}

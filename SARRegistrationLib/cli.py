@@ -149,6 +149,10 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimisation-bias-field", action=argparse.BooleanOptionalAction,
                         help="instance optimisation: optimise a smooth intensity gain of the floating image with "
                              "the field, so that NMI holds under an MR bias field (default: on)")
+    parser.add_argument("--optimisation-equalise", action=argparse.BooleanOptionalAction,
+                        help="instance optimisation: let NMI compare the images with equalised histograms, which "
+                             "spreads CT's soft tissues over its bins (default: when both images are CT, their "
+                             "lowest value between -3100 and -500 HU)")
     parser.add_argument("--network", action=argparse.BooleanOptionalAction,
                         help="start from the network's (finetuned) field and write SAR's masks (default: only "
                              "when --weights is given: instance optimisation from the identity was as accurate "
@@ -162,7 +166,8 @@ def _registration_kwargs(args) -> dict:
             "instance_optimisation": not args.no_instance_optimisation,
             "optimisation_iterations": args.optimisation_iterations, "optimisation_levels": args.optimisation_levels,
             "optimisation_similarity": args.optimisation_similarity,
-            "optimisation_bias_field": args.optimisation_bias_field, "network": args.network}
+            "optimisation_bias_field": args.optimisation_bias_field,
+            "optimisation_equalise": args.optimisation_equalise, "network": args.network}
 
 
 def _run_register(args) -> int:

@@ -113,7 +113,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
              max_iterations: int = 100, tolerance: float = 1e-4, smoothness: float | None = None, weights=None,
              instance_optimisation: bool | OptimisationSettings = True, optimisation_iterations: int | None = None,
              optimisation_levels: int | None = None, optimisation_similarity: str | None = None,
-             optimisation_bias_field: bool | None = None, network: bool | None = None,
+             optimisation_bias_field: bool | None = None, optimisation_equalise: bool | None = None,
+             network: bool | None = None,
              progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> RegistrationResult:
     """Register ``floating`` to ``reference`` with SAR.
 
@@ -149,6 +150,9 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             :class:`OptimisationSettings`: NMI with MIND-SSC in 2D, NMI alone in 3D).
         optimisation_bias_field: optimise a smooth intensity gain of the floating image with the
             field, so that NMI holds under an MR bias field (default: :class:`OptimisationSettings`'s, on).
+        optimisation_equalise: let NMI compare the images with equalised histograms (True), or as
+            they are (False); by default (None) when both images are CT, in Hounsfield units
+            (``OptimisationSettings.equalise``).
         network: start from the network's (finetuned) field and give SAR's masks. By default
             (None) only when a ``model`` or ``weights`` is given: on the benchmark, instance
             optimisation from the identity was more accurate than from the network's field, in 2D
@@ -183,7 +187,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         raise SettingsError(f"The affine pre-alignment is 'auto', True or False, not {affine!r}.")
     _check_finetuning_options(max_iterations, tolerance, smoothness)
     optimisation = _optimisation_settings(instance_optimisation, optimisation_iterations, optimisation_levels,
-                                          optimisation_similarity, optimisation_bias_field)
+                                          optimisation_similarity, optimisation_bias_field, optimisation_equalise)
     ndims = reference.GetDimension()
     torch_device = resolve_device(device)
     if network and model is None and weights is not None:
@@ -370,14 +374,15 @@ def network_dimension(image_ndims: int, mode: str, model: SARModel | None = None
     return 3
 
 
-def _optimisation_settings(instance_optimisation, iterations, levels, similarity,
-                           bias_field) -> OptimisationSettings | None:
+def _optimisation_settings(instance_optimisation, iterations, levels, similarity, bias_field,
+                           equalise) -> OptimisationSettings | None:
     """The settings of instance optimisation, or None when it is off."""
     if instance_optimisation is False:
         return None
     settings = instance_optimisation if isinstance(instance_optimisation, OptimisationSettings) \
         else OptimisationSettings()
-    overrides = {"iterations": iterations, "levels": levels, "similarity": similarity, "bias_field": bias_field}
+    overrides = {"iterations": iterations, "levels": levels, "similarity": similarity, "bias_field": bias_field,
+                 "equalise": equalise}
     settings = replace(settings, **{name: value for name, value in overrides.items() if value is not None})
     settings.check()
     return settings

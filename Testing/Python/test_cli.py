@@ -94,12 +94,15 @@ def test_the_similarity_of_instance_optimisation_is_chosen_on_the_command_line(t
     assert not (tmp_path / "bad").exists()
 
 
-def test_the_bias_field_of_instance_optimisation_is_switched_on_the_command_line(tmp_path, inputs):
-    for flag, expected in (("--optimisation-bias-field", True), ("--no-optimisation-bias-field", False)):
+@pytest.mark.parametrize("option, key", [("bias-field", "bias_field"), ("equalise", "equalised")])
+def test_a_switch_of_instance_optimisation_reaches_the_engine_from_the_command_line(tmp_path, inputs, option, key):
+    """The bias field and the equalisation of NMI's images, each turned on and off (these MR-like
+    images are not CT, so equalisation is off by default and on only when asked for)."""
+    for flag, expected in ((f"--optimisation-{option}", True), (f"--no-optimisation-{option}", False)):
         output = tmp_path / flag
         args = _register_args(inputs, output, "--no-qa", "--no-network", flag, "--optimisation-iterations", "2")
         assert cli.main(args) == 0
-        assert json.loads((output / "metrics.json").read_text())["instance_optimisation"]["bias_field"] is expected
+        assert json.loads((output / "metrics.json").read_text())["instance_optimisation"][key] is expected
 
 
 def test_register_with_masks_and_qa_figure(tmp_path, inputs):

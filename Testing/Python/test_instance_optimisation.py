@@ -321,10 +321,11 @@ def test_ct_pairs_are_recognised_and_nmi_compares_them_equalised(lung_pair, read
     applied = _applied_field(transform, reference)
     errors = {}
     for equalise in (None, False):
-        result = register(moved, hu, device="cpu", optimisation_similarity="nmi",
-                          instance_optimisation=OptimisationSettings(equalise=equalise))
+        result = register(moved, hu, device="cpu", optimisation_similarity="nmi", optimisation_equalise=equalise)
         assert result.metrics["instance_optimisation"]["equalised"] is (equalise is None)
         errors[equalise] = np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - applied, axis=-1).mean()
     assert errors[None] < 0.5 * errors[False], errors
     mr_and_ct = register(reference, hu, device="cpu").metrics["instance_optimisation"]
     assert mr_and_ct["equalised"] is False  # only CT to CT
+    forced = register(reference, hu, device="cpu", optimisation_iterations=2, optimisation_equalise=True)
+    assert forced.metrics["instance_optimisation"]["equalised"] is True

@@ -861,6 +861,19 @@ def test_the_bias_field_setting_reaches_the_engine(scene, logic, module, pair_3d
         assert result.record["settings"]["optimisation_bias_field"] is ticked
 
 
+def test_the_ct_equalisation_choice_reaches_the_engine(scene, logic, module, pair_3d):
+    """The panel's CT equalisation: automatic leaves these MR-like volumes as they are (they are not
+    CT); always and never are passed on."""
+    reference, floating = pair_3d
+    assert module.SARRegistrationParameterNode.equalise is module.CtEqualisation.AUTO
+    for choice, expected in ((module.CtEqualisation.AUTO, False), (module.CtEqualisation.ON, True),
+                             (module.CtEqualisation.OFF, False)):
+        result = logic.register(reference, floating, network=False, optimisationIterations=3, device="cpu",
+                                optimisationEqualise=choice.engineValue())
+        assert result.metrics["instance_optimisation"]["equalised"] is expected
+        assert result.record["settings"]["optimisation_equalise"] is choice.engineValue()
+
+
 def test_the_similarity_choice_reaches_the_engine(scene, logic, module, pair_3d):
     """The panel's similarity: automatic is the engine's choice for a volume (NMI); another choice is passed on."""
     from SARRegistrationLib.instance_optimisation import SIMILARITIES
@@ -1024,13 +1037,15 @@ def test_defaults_are_the_engines(module, logic):
                               ("optimisation_iterations", "optimisationIterations"),
                               ("optimisation_levels", "optimisationLevels"),
                               ("optimisation_bias_field", "optimisationBiasField"),
-                              ("optimisation_similarity", "optimisationSimilarity")):
+                              ("optimisation_similarity", "optimisationSimilarity"),
+                              ("optimisation_equalise", "optimisationEqualise")):
         assert mine[name].default == engine[engine_name].default, name
     parameters = module.SARRegistrationParameterNode
     assert parameters.mode is module.RegistrationMode.AUTO and parameters.device is module.ComputeDevice.AUTO
     assert parameters.network.engineValue() is engine["network"].default
     assert parameters.affine.engineValue() == engine["affine"].default
     assert parameters.similarity.engineValue() is engine["optimisation_similarity"].default
+    assert parameters.equalise.engineValue() is engine["optimisation_equalise"].default
     assert parameters.preset is module.RegistrationPreset.ACCURATE
     settings = OptimisationSettings()
     assert (module.decisions.engineIterations(parameters.optimisationIterations), parameters.optimisationLevels,
