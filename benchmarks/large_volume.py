@@ -95,8 +95,10 @@ def measure_registration(reference: Path, floating: Path, measurement: str, outp
     started = time.perf_counter()
     result = sar.register(reference, floating, model, device=device)
     registered = time.perf_counter()
-    result.save(output)
+    written = result.save(output)
     return {"register_seconds": registered - started, "save_seconds": time.perf_counter() - registered,
+            "output_gb": sum(path.stat().st_size for path in written) / 1e9,
+            "field_gb": (Path(output) / "displacement.nrrd").stat().st_size / 1e9,
             "iterations": result.metrics["iterations"], "folding_fraction": result.metrics["folding_fraction"],
             "peak_memory_gb": peak_memory_gb()}
 
@@ -183,12 +185,13 @@ def _cell(row: dict, key: str, digits: int = 1) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| size (voxels) | measurement | status | register (s) | save (s) | peak memory (GB) | "
-             "stops after (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| size (voxels) | measurement | status | register (s) | save (s) | outputs (GB) | "
+             "of which the field (GB) | peak memory (GB) | stops after (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['size']} ({row['voxels'] / 1e6:.1f} M) | {row['measurement']} | {row['status']} | "
                      f"{_cell(row, 'register_seconds')} | {_cell(row, 'save_seconds')} | "
-                     f"{_cell(row, 'peak_memory_gb', 2)} | {_cell(row, 'latency_seconds', 2)} |")
+                     f"{_cell(row, 'output_gb', 2)} | {_cell(row, 'field_gb', 2)} | {_cell(row, 'peak_memory_gb', 2)} | "
+                     f"{_cell(row, 'latency_seconds', 2)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -249,6 +249,9 @@ def test_large_volume_benchmark_measures_memory_time_and_cancel(tmp_path):
     registration, cancel = rows
     assert registration["voxels"] == 32 * 24 * 5
     assert registration["register_seconds"] > 0 and 0.05 < registration["peak_memory_gb"] < 24
+    # The field: 3 float32 components a voxel and a header, uncompressed; all outputs more than that.
+    assert 12 * 32 * 24 * 5 < registration["field_gb"] * 1e9 < 12 * 32 * 24 * 5 + 4096
+    assert registration["output_gb"] > registration["field_gb"]
     assert 0 <= cancel["latency_seconds"] < 30
     table = (tmp_path / "large_volume.md").read_text()
     assert "| 32x24x5 (0.0 M) | default | ok |" in table

@@ -285,12 +285,17 @@ def test_save_writes_every_output(tmp_path, pair_2d, masks_2d, weights_2d):
     assert 0.0 <= metrics["folding_fraction"] <= 1.0
     displacement = sitk.ReadImage(str(output / "displacement.nrrd"))
     _same_grid(displacement, reference)
-    assert displacement.GetPixelID() == sitk.sitkVectorFloat64
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(displacement), _field_mm(result))
+    assert displacement.GetPixelID() == sitk.sitkVectorFloat32  # as the peers write fields; uncompressed
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(displacement), _field_mm(result).astype(np.float32))
     warped = sitk.ReadImage(str(output / "warped.nrrd"))
     _same_grid(warped, reference)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(result.warped))
     assert (output / "qa.png").read_bytes()[:4] == b"\x89PNG"
+    # README's recipe: the file read as float64 vectors reproduces warped.nrrd through SimpleITK.
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(output / "displacement.nrrd"),
+                                                               sitk.sitkVectorFloat64))
+    again = sitk.Resample(floating, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped), atol=1e-4)
 
 
 def test_save_with_masks_and_without_figure(tmp_path, pair_2d, masks_2d, weights_2d):
