@@ -8,7 +8,6 @@ Masks are binary: any nonzero voxel is foreground.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 
 def _as_mask_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +37,9 @@ def dice(a, b) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
+    # scipy.ndimage takes 0.2 s to import, which a run without masks would pay for nothing.
+    from scipy import ndimage
+
     # border_value=0: an object touching the edge of the grid still has a boundary there.
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
@@ -46,6 +48,8 @@ def _distance_to(surface: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     if not surface.any():
         # Nothing to reach: every distance is infinite (the edt would otherwise be meaningless).
         return np.full(surface.shape, np.inf)
+    from scipy import ndimage
+
     return ndimage.distance_transform_edt(~surface, sampling=spacing)
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage.filters import threshold_otsu
 from torch import nn
 
 from ..losses import minmax_normalise
@@ -199,6 +198,10 @@ class SARGenerator(nn.Module):
 
 def otsu_thresholds(maps: torch.Tensor) -> torch.Tensor:
     """Otsu's threshold (scikit-image) of each map of a ``(B, 1, *spatial)`` batch, as ``(B, 1, 1, ...)``."""
+    # Imported here: scikit-image's filters (and the scipy.ndimage they load) take 0.2 s to import,
+    # which a registration without the network, the default, would pay for nothing.
+    from skimage.filters import threshold_otsu
+
     values = maps.detach().float().cpu().numpy()
     thresholds = [threshold_otsu(m) if np.ptp(m) > 0 else float(m.flat[0]) for m in values]
     return torch.tensor(thresholds, dtype=maps.dtype, device=maps.device).view(-1, *([1] * (maps.dim() - 1)))
