@@ -281,7 +281,7 @@ class _ProgressBar:
         self.bar.n = round(100 * fraction)
         self.bar.set_postfix_str(message, refresh=False)
         # Redrawn at most every REFRESH_SECONDS: a 2D registration reports 120 iterations in 0.3 s,
-        # and drawing each one took a tenth of that.
+        # and drawing every one of them took about 20 ms of that.
         if time.monotonic() - self.shown >= REFRESH_SECONDS or fraction >= 1:
             self.bar.refresh()
             self.shown = time.monotonic()
