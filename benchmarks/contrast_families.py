@@ -30,8 +30,9 @@ T2_LIKE_LEVELS = ((0.0, 0.0), (0.85, 1.0), (0.5, 0.6), (0.3, 0.4), (0.55, 0.75))
 MAX_BIAS = 0.15  # bias field exp(a * smooth noise), a uniform in [0, MAX_BIAS]
 MAX_NOISE_SD = 0.02  # Gaussian noise, standard deviation uniform in [0.01, MAX_NOISE_SD] of the range
 # CT-like volumes (Hounsfield units): air, bone, and the range the soft tissues' means are drawn from
-# (fat at about -100 HU, muscle, organs and blood at 30-80 HU).
-CT_AIR_HU, CT_BONE_HU, CT_SOFT_TISSUE_HU = -1000.0, 700.0, (-100.0, 80.0)
+# (fat at about -100 HU, muscle, organs and blood at 30-80 HU), and fat, which takes air's label in a
+# volume cropped inside the body.
+CT_AIR_HU, CT_BONE_HU, CT_SOFT_TISSUE_HU, CT_FAT_HU = -1000.0, 700.0, (-100.0, 80.0), -100.0
 
 
 def tissue_class_means(image: sitk.Image, classes: int = 5) -> np.ndarray:
@@ -68,25 +69,31 @@ def with_noise(image: sitk.Image, sigma: float, seed: int) -> sitk.Image:
     return image_like((values + noise).astype(values.dtype), image)
 
 
-def ct_like_volume(shape, rng: np.random.Generator, spacing=(2.0, 2.0, 2.0)) -> tuple[sitk.Image, sitk.Image]:
+def ct_like_volume(shape, rng: np.random.Generator, spacing=(2.0, 2.0, 2.0),
+                   air: bool = True) -> tuple[sitk.Image, sitk.Image]:
     """A synthetic label-map volume with CT's intensities, and the mask of one or two of its soft tissues.
 
-    Label 0 is air (``CT_AIR_HU``), label 1 bone (``CT_BONE_HU``), the other six soft tissues, each a
+    Label 0 is air (``CT_AIR_HU``), or fat (``CT_FAT_HU``) without ``air``, as in a volume cropped
+    inside the body, which the engine does not recognise as CT (its lowest value is above -500 HU);
+    label 1 is bone (``CT_BONE_HU``), the other six soft tissues, each a
     mean drawn from ``CT_SOFT_TISSUE_HU`` with a texture of up to 15 HU; then a slight blur and 10 HU
     of noise. What makes it CT-like for a registration: after the engine's 1-99 % normalisation the
     soft tissues, most of the voxels and every boundary inside the body, fall into two or three of
     NMI's 32 histogram bins between air and bone (the MR-like synthetic volumes spread their labels
     over the whole range). The structure is a soft tissue, so it is told apart by those boundaries.
 
-    Returns ``(image, mask)``: float32 HU and uint8 0/1 on one grid of ``spacing`` (x, y, z) mm.
+    Returns ``(image, mask)``: HU (float32; without ``air`` whole HU in int16, as a scanner stores
+    CT, which the engine needs to recognise CT without air) and uint8 0/1 on one grid of ``spacing``
+    (x, y, z) mm.
     """
     labels = synthetic_label_map(tuple(shape), rng)
-    means = np.concatenate([[CT_AIR_HU, CT_BONE_HU], rng.uniform(*CT_SOFT_TISSUE_HU, size=int(labels.max()) - 1)])
+    means = np.concatenate([[CT_AIR_HU if air else CT_FAT_HU, CT_BONE_HU],
+                            rng.uniform(*CT_SOFT_TISSUE_HU, size=int(labels.max()) - 1)])
     texture = rng.uniform(0, 15, size=means.size)
     values = means[labels] + texture[labels] * rng.standard_normal(labels.shape)
     values = ndimage.gaussian_filter(values, 0.8) + 10 * rng.standard_normal(labels.shape)
     structure = rng.choice(np.arange(2, means.size), size=rng.integers(1, 3), replace=False)
-    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image = sitk.GetImageFromArray(values.astype(np.float32) if air else np.round(values).astype(np.int16))
     image.SetSpacing(tuple(float(size) for size in spacing))
     mask = sitk.GetImageFromArray(np.isin(labels, structure).astype(np.uint8))
     mask.CopyInformation(image)

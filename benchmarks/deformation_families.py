@@ -80,6 +80,9 @@ def velocity_field_transform(image: sitk.Image, rng: np.random.Generator,
 
 
 def move(image: sitk.Image, mask: sitk.Image, transform: sitk.Transform) -> tuple[sitk.Image, sitk.Image]:
-    """``image`` (float32, linear, 0 outside) and ``mask`` (nearest neighbour) pulled through ``transform``."""
-    moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    """``image`` (linear, 0 outside; in its own pixel type, float32 for a float image) and ``mask``
+    (nearest neighbour) pulled through ``transform``: a CT in int16 stays int16, as a scanner's is."""
+    integer = image.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt32)
+    moved = sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0,
+                          image.GetPixelID() if integer else sitk.sitkFloat32)
     return moved, sitk.Resample(mask, mask, transform, sitk.sitkNearestNeighbor, 0)

@@ -371,6 +371,32 @@ def test_tuning_takes_ct_like_volumes_in_3d_and_in_one_contrast_only(capsys, mon
     assert "3D synthetic, CT-like, bspline, same contrast" in text and "contrast change" not in text
 
 
+def test_ct_like_volumes_without_air_are_stored_as_ct_is_and_stay_so_when_moved(monkeypatch, tmp_path):
+    """--intensities ct-no-air: fat where air was (a volume cropped inside the body), the same label
+    maps and soft tissues otherwise, in whole HU (int16), moved in int16 too: so the engine's CT
+    test sees CT in both images of a pair, as it would in a scanner's cropped CT."""
+    from benchmarks import tune_instance_optimisation as tune
+    from SARRegistrationLib.imageio import in_hounsfield_units
+
+    (with_air, mask), = tune.tuning_images(3, 1, seed=0, intensities="ct")
+    (without, same_mask), = tune.tuning_images(3, 1, seed=0, intensities="ct-no-air")
+    assert -200 < _array(without).min() < -50 and np.array_equal(_array(mask), _array(same_mask))
+    assert without.GetPixelID() == sitk.sitkInt16 and np.abs(_array(without) - _array(with_air)).max() > 500
+    pair, = tune.known_pairs([(without, mask)], "bspline", False, 1, seed=0)
+    assert pair["reference"].GetPixelID() == sitk.sitkInt16
+    assert in_hounsfield_units(pair["reference"]) and in_hounsfield_units(pair["floating"])
+
+    small = [(sitk.Shrink(without, [4, 4, 4]), sitk.Shrink(mask, [4, 4, 4]))]
+    monkeypatch.setattr(tune, "tuning_images", lambda *args: small)
+    monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
+    monkeypatch.setattr(tune, "peer_method", lambda *args: StillPeer())
+    output = tmp_path / "ct.md"
+    tune.main(["--dims", "3", "--intensities", "ct-no-air", "--families", "bspline", "--pairs", "1",
+               "--variant", "still:peer=greedy", "--output", str(output)])
+    text = output.read_text()
+    assert "3D synthetic, CT-like without air, bspline, same contrast" in text and "contrast change" not in text
+
+
 def test_tuning_variants_take_the_noise_option():
     from benchmarks.tune_instance_optimisation import parse_variant
 

@@ -318,6 +318,11 @@ def test_ct_pairs_are_recognised_and_nmi_compares_them_equalised(lung_pair, read
     assert not any(in_hounsfield_units(read_test_image(name)) for name in ("brain_t1.nrrd", "rat_lung_1.nrrd"))
     assert in_hounsfield_units(sitk.Cast(moved - 2024.0, sitk.sitkInt16))  # -3024 padding, as some scanners write
     assert not in_hounsfield_units(sitk.Cast(moved * 30.0, sitk.sitkInt16))  # a signed type's range stretched
+    # Cropped inside the body, no air: fat is the lowest. CT in whole HU (int16) is recognised; a float
+    # image with such values (a processed MR) is not, nor is an 8-bit one (which cannot hold HU).
+    fat = sitk.Clamp(hu, sitk.sitkFloat32, -100.0, 80.0)
+    assert in_hounsfield_units(sitk.Cast(fat, sitk.sitkInt16)) and not in_hounsfield_units(fat)
+    assert not in_hounsfield_units(sitk.Cast(fat, sitk.sitkInt8))
     applied = _applied_field(transform, reference)
     errors = {}
     for equalise in (None, False):
