@@ -74,8 +74,8 @@ def ct_like_volume(shape, rng: np.random.Generator, spacing=(2.0, 2.0, 2.0),
     """A synthetic label-map volume with CT's intensities, and the mask of one or two of its soft tissues.
 
     Label 0 is air (``CT_AIR_HU``), or fat (``CT_FAT_HU``) without ``air``, as in a volume cropped
-    inside the body, which the engine does not recognise as CT (its lowest value is above -500 HU);
-    label 1 is bone (``CT_BONE_HU``), the other six soft tissues, each a
+    inside the body (its lowest value above -500 HU, which the engine recognises as CT only in an
+    integer type, hence int16 then); label 1 is bone (``CT_BONE_HU``), the other six soft tissues, each a
     mean drawn from ``CT_SOFT_TISSUE_HU`` with a texture of up to 15 HU; then a slight blur and 10 HU
     of noise. What makes it CT-like for a registration: after the engine's 1-99 % normalisation the
     soft tissues, most of the voxels and every boundary inside the body, fall into two or three of

@@ -12,8 +12,9 @@ non-monotonic intensity curve and noise); in 3D synthetic label-map volumes
 ``--intensities ct`` the same label maps with CT's intensities
 (``contrast_families.ct_like_volume``: air, bone and soft tissues a few tens of HU apart, which the
 1-99 % normalisation puts into two or three of NMI's 32 bins; ``ct-no-air`` with fat where air
-was, as in a volume cropped inside the body, which the engine does not recognise as CT), CT to CT only: a random remapping
-of CT is no modality anyone registers, and no method solved it. The deformation families are the
+was, as in a volume cropped inside the body, in whole HU as int16, which is how the engine
+recognises such a CT), CT to CT only: a random remapping of CT is no modality anyone registers,
+and no method solved it. The deformation families are the
 brain benchmark's (``benchmarks/deformation_families.py``): the engine's 6 mm B-spline, a large
 deformation (rotation, shift and a 20 mm B-spline) and the exponential of a random velocity field.
 Each variant is a set of :class:`OptimisationSettings` fields (and ``network=1`` to start from the

@@ -360,15 +360,23 @@ def test_tuning_takes_ct_like_volumes_in_3d_and_in_one_contrast_only(capsys, mon
         tune.main(["--dims", "2", "3", "--intensities", "ct"])
     assert "give it with --dims 3" in capsys.readouterr().err
 
+    text = _tuning_table_of(image, mask, "ct", monkeypatch, tmp_path)
+    assert "3D synthetic, CT-like, bspline, same contrast" in text and "contrast change" not in text
+
+
+def _tuning_table_of(image, mask, intensities: str, monkeypatch, tmp_path) -> str:
+    """The tuning script's table for ``image`` shrunk fourfold as its only volume, with
+    ``--intensities``, one B-spline pair and a still peer (no model, no registration)."""
+    from benchmarks import tune_instance_optimisation as tune
+
     small = [(sitk.Shrink(image, [4, 4, 4]), sitk.Shrink(mask, [4, 4, 4]))]
     monkeypatch.setattr(tune, "tuning_images", lambda *args: small)
     monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
     monkeypatch.setattr(tune, "peer_method", lambda *args: StillPeer())
-    output = tmp_path / "ct.md"
-    tune.main(["--dims", "3", "--intensities", "ct", "--families", "bspline", "--pairs", "1",
+    output = tmp_path / f"{intensities}.md"
+    tune.main(["--dims", "3", "--intensities", intensities, "--families", "bspline", "--pairs", "1",
                "--variant", "still:peer=greedy", "--output", str(output)])
-    text = output.read_text()
-    assert "3D synthetic, CT-like, bspline, same contrast" in text and "contrast change" not in text
+    return output.read_text()
 
 
 def test_ct_like_volumes_without_air_are_stored_as_ct_is_and_stay_so_when_moved(monkeypatch, tmp_path):
@@ -386,14 +394,7 @@ def test_ct_like_volumes_without_air_are_stored_as_ct_is_and_stay_so_when_moved(
     assert pair["reference"].GetPixelID() == sitk.sitkInt16
     assert in_hounsfield_units(pair["reference"]) and in_hounsfield_units(pair["floating"])
 
-    small = [(sitk.Shrink(without, [4, 4, 4]), sitk.Shrink(mask, [4, 4, 4]))]
-    monkeypatch.setattr(tune, "tuning_images", lambda *args: small)
-    monkeypatch.setattr(tune, "load_model", lambda **kwargs: None)
-    monkeypatch.setattr(tune, "peer_method", lambda *args: StillPeer())
-    output = tmp_path / "ct.md"
-    tune.main(["--dims", "3", "--intensities", "ct-no-air", "--families", "bspline", "--pairs", "1",
-               "--variant", "still:peer=greedy", "--output", str(output)])
-    text = output.read_text()
+    text = _tuning_table_of(without, mask, "ct-no-air", monkeypatch, tmp_path)
     assert "3D synthetic, CT-like without air, bspline, same contrast" in text and "contrast change" not in text
 
 
