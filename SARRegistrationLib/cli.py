@@ -46,8 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--sample", action="store_true",
                           help="register the bundled sample pair (BrainWeb PD reference, deformed T1, ventricles)")
     register.add_argument("--output-dir", type=Path, required=True)
-    register.add_argument("--reference-mask", type=Path, help="structure mask of the reference, for Dice/HD95/MAD")
-    register.add_argument("--floating-mask", type=Path, help="structure mask of the floating image")
+    register.add_argument("--reference-mask", type=Path,
+                          help="structure mask or label map of the reference: with --floating-mask, Dice/HD95/MAD "
+                               "before and after (label by label when both hold several labels)")
+    register.add_argument("--floating-mask", type=Path,
+                          help="structure mask or label map of the floating image: warped onto the reference "
+                               "(warped_floating_mask.nrrd, its labels kept)")
     register.add_argument("--ignore-mask", type=Path,
                           help="mask of regions not to compare (implants, electrodes); the field there stays smooth")
     _add_registration_options(register)

@@ -2,7 +2,8 @@
 
 All arrays are numpy arrays in SimpleITK's axis order (``z, y, x``), 2D or 3D. ``spacing`` is the
 voxel size in millimetres in that same array order, i.e. ``image.GetSpacing()[::-1]``.
-Masks are binary: any nonzero voxel is foreground.
+Masks are binary: any nonzero voxel is foreground; :func:`label_overlap_metrics` compares label maps
+label by label.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def surface_distances(a, b, spacing) -> tuple[np.ndarray, np.ndarray]:
     return _distance_to(surface_b, spacing)[surface_a], _distance_to(surface_a, spacing)[surface_b]
 
 
+def _cropped(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two non-empty masks cut to the box around both, one voxel wider where the grid allows.
+
+    Their surfaces and the distances between them stay the same (a voxel on the box's edge lies on
+    the grid's edge), and the distance transforms then cost what the structures' size does, not
+    the grid's: on a 256 x 256 x 150 grid, 5-8 s here for masks spread over it, 0.05 s for a
+    structure of 20 x 30 x 40 voxels.
+    """
+    either = a | b
+    box = []
+    for axis in range(a.ndim):
+        occupied = np.flatnonzero(either.any(axis=tuple(k for k in range(a.ndim) if k != axis)))
+        box.append(slice(max(0, occupied[0] - 1), occupied[-1] + 2))
+    return a[tuple(box)], b[tuple(box)]
+
+
 def _pooled_surface_statistic(a, b, spacing, statistic) -> float:
     """``statistic`` of both directions' surface distances pooled; 0 if both masks are empty, inf if one is."""
     a, b = _as_mask_pair(a, b)
@@ -81,6 +98,7 @@ def _pooled_surface_statistic(a, b, spacing, statistic) -> float:
         return 0.0
     if not a.any() or not b.any():
         return float("inf")
+    a, b = _cropped(a, b)
     d_ab, d_ba = surface_distances(a, b, spacing)
     return float(statistic(np.concatenate([d_ab, d_ba])))
 
@@ -99,6 +117,64 @@ def mean_surface_distance(a, b, spacing) -> float:
     Returns 0.0 when both masks are empty and ``inf`` when exactly one is.
     """
     return _pooled_surface_statistic(a, b, spacing, np.mean)
+
+
+def label_values(labels) -> np.ndarray:
+    """The sorted non-zero values of a label map."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "bu" and labels.size and int(labels.max()) < 65536:
+        counts = np.bincount(labels.ravel())  # one pass, where np.unique sorts every voxel
+        values = np.flatnonzero(counts)
+    else:
+        values = np.unique(labels)
+    return values[values != 0]
+
+
+def _label_boxes(array: np.ndarray, labels: np.ndarray) -> list:
+    """The bounding box (a tuple of slices) of each of the sorted ``labels`` in ``array``, None where absent."""
+    from scipy import ndimage
+
+    if not len(labels):
+        return []
+    # The labels numbered 1..K (0 elsewhere), so that one find_objects pass gives every box.
+    if array.dtype.kind in "bu" and labels.min() >= 0 and labels.max() < 65536:
+        lookup = np.zeros(max(int(array.max()), int(labels.max())) + 1, np.int32)
+        lookup[labels.astype(np.int64)] = np.arange(1, len(labels) + 1)
+        numbered = lookup[array]
+    else:
+        index = np.searchsorted(labels, array)
+        found = (index < len(labels)) & (labels[np.minimum(index, len(labels) - 1)] == array)
+        numbered = np.where(found, index + 1, 0)
+    return ndimage.find_objects(numbered, max_label=len(labels))
+
+
+def label_overlap_metrics(reference_labels, warped_labels, spacing, labels=None) -> dict:
+    """:func:`overlap_metrics` of two label maps, label by label, and their mean over the labels.
+
+    Returns ``{"dice", "hd95_mm", "mad_mm"}`` (means over the labels) and ``"labels"``: each label's
+    own three, keyed by its value as a string. ``labels`` (default: every non-zero value of either
+    map) says which to compare; a label missing from one map has Dice 0 and infinite distances.
+    Each label is measured within the bounding box of both maps' voxels of it (plus one voxel), so
+    a map of many small structures costs about what one structure of its size does.
+    """
+    reference_labels, warped_labels = np.asarray(reference_labels), np.asarray(warped_labels)
+    if reference_labels.shape != warped_labels.shape:
+        raise ValueError(f"label maps must have the same shape, got {reference_labels.shape} and {warped_labels.shape}")
+    labels = np.union1d(label_values(reference_labels), label_values(warped_labels)) if labels is None \
+        else np.unique(np.asarray(labels))
+    boxes = [_label_boxes(array, labels) for array in (reference_labels, warped_labels)]
+    per_label = {}
+    for k, label in enumerate(labels):
+        present = [found[k] for found in boxes if found[k] is not None]
+        if not present:  # in neither map: nothing to compare
+            continue
+        crop = tuple(slice(max(0, min(box[axis].start for box in present) - 1),
+                           max(box[axis].stop for box in present) + 1) for axis in range(reference_labels.ndim))
+        per_label[str(label.item())] = overlap_metrics(reference_labels[crop] == label, warped_labels[crop] == label,
+                                                       spacing)
+    summary = {name: float(np.mean([values[name] for values in per_label.values()])) if per_label else
+               (1.0 if name == "dice" else 0.0) for name in ("dice", "hd95_mm", "mad_mm")}
+    return {**summary, "labels": per_label}
 
 
 def jacobian_determinant(displacement, spacing=None) -> np.ndarray:

@@ -133,8 +133,14 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
         reference, floating: SimpleITK images or file paths, both 2D or both 3D.
         model: a loaded :class:`SARModel`; by default the weights file ``weights`` (or the shipped
             weights) of the dimension the mode needs.
-        reference_mask, floating_mask: optional structure masks (images or paths) for Dice, HD95
-            and MAD; they do not steer the registration.
+        reference_mask, floating_mask: optional structure masks or label maps (images or paths);
+            they do not steer the registration. The floating one is warped onto the reference
+            (``warped_floating_mask``, nearest neighbour: its values are kept); with both, Dice,
+            HD95 and MAD before and after. A mask with one non-zero value is one structure whatever
+            the value (0/1 and 0/255 masks compare as the same); when both hold several values,
+            each label is measured on its own and the metrics are their means (each label's in
+            ``"labels"``). Non-integer values (a probability map) count as one structure where
+            non-zero.
         ignore_mask: optional mask (image or path, any grid: it is resampled physically) of
             regions the images are not compared in during finetuning and instance optimisation,
             such as bright implants or electrodes; the field there follows its smoothness alone.
@@ -181,8 +187,8 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     reference = _as_image(reference, "reference")
     floating = _as_image(floating, "floating image")
     imageio.check_pair(reference, floating)
-    reference_mask = _as_image(reference_mask, "reference mask", mask=True)
-    floating_mask = _as_image(floating_mask, "floating mask", mask=True)
+    reference_mask = _as_labels(reference_mask, "reference mask")
+    floating_mask = _as_labels(floating_mask, "floating mask")
     ignore_mask = _as_image(ignore_mask, "ignore mask", mask=True)
     for role, mask in (("reference mask", reference_mask), ("floating mask", floating_mask),
                        ("ignore mask", ignore_mask)):
@@ -347,17 +353,21 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
                "folding_fraction": folding, "max_displacement_mm": largest_displacement,
                "weights": model.metadata.get("weights_path", "in memory") if network else None}
     qa_inputs = {"reference": reference, "floating": floating}
-    warped_floating_mask = None
+    warped_floating_mask = None if floating_mask is None else \
+        grids.resample_to(floating_mask, reference, label=True, transform=transform)
     if reference_mask is not None and floating_mask is not None:
-        warped_floating_mask = grids.resample_to(floating_mask, reference, label=True, transform=transform)
         masks = {name: imageio.array_of(image) for name, image in (
             ("reference_mask", grids.resample_to(reference_mask, reference, label=True)),
             ("floating_mask", grids.resample_to(floating_mask, reference, label=True)),
             ("warped_mask", warped_floating_mask))}
         qa_inputs["masks"] = masks
         spacing = reference.GetSpacing()[::-1]
+        labels = [metrics.label_values(imageio.array_of(mask)) for mask in (reference_mask, floating_mask)]
+        by_label = min(len(values) for values in labels) > 1  # else: one structure in each, whatever its value
         for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
-            summary[key] = metrics.overlap_metrics(masks["reference_mask"], masks[moving], spacing)
+            summary[key] = metrics.label_overlap_metrics(masks["reference_mask"], masks[moving], spacing,
+                                                         np.union1d(*labels)) if by_label else \
+                metrics.overlap_metrics(masks["reference_mask"], masks[moving], spacing)
     stage_seconds["outputs"] = time.perf_counter() - stage_start
     summary["stage_seconds"] = {name: round(value, 3) for name, value in stage_seconds.items()}
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -476,8 +486,26 @@ def _as_image(source, role: str, mask: bool = False):
     # read_image checks what it reads; an image handed in is checked here.
     image = imageio.check_image(source, role, allow_constant=mask) if isinstance(source, sitk.Image) \
         else imageio.read_image(source, role, allow_constant=mask)
-    # A mask may be empty or hold several labels: any non-zero voxel is the structure.
+    # An ignore mask may be empty or hold several labels: any non-zero voxel is in it.
     return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
+
+
+def _as_labels(source, role: str):
+    """A structure mask or label map (see ``register``'s masks) as an image of whole numbers, or None.
+
+    Its values are kept, so that the warped map holds the user's labels; non-integer values (a
+    probability map) become one structure, 1 where non-zero.
+    """
+    if source is None:
+        return None
+    image = imageio.check_image(source, role, allow_constant=True) if isinstance(source, sitk.Image) \
+        else imageio.read_image(source, role, allow_constant=True)
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind in "bui":
+        return image
+    if np.array_equal(array, np.round(array)) and np.abs(array).max() < 2 ** 31:
+        return sitk.Cast(image, sitk.sitkInt32)
+    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8)
 
 
 def network_input(image: sitk.Image, grid: sitk.Image, slicewise: bool, device, transform=None,

@@ -116,6 +116,22 @@ def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     assert metrics["iterations"] == 0 and set(metrics["after"]) == {"dice", "hd95_mm", "mad_mm"}
 
 
+def test_a_floating_label_map_alone_is_warped_with_its_labels(tmp_path, inputs):
+    floating_mask = sitk.ReadImage(str(inputs["floating_mask"]))
+    labels = sitk.GetArrayFromImage(floating_mask).astype(np.uint16)
+    labels[:, labels.shape[1] // 2:] *= 300  # labels 1 and 300: the warped map must keep both
+    label_map = sitk.GetImageFromArray(labels)
+    label_map.CopyInformation(floating_mask)
+    sitk.WriteImage(label_map, str(tmp_path / "labels.nrrd"))
+    output = tmp_path / "result"
+    assert cli.main(["register", "--reference", str(inputs["reference"]), "--floating", str(inputs["floating"]),
+                     "--floating-mask", str(tmp_path / "labels.nrrd"), "--output-dir", str(output), "--no-qa"]) == 0
+    warped = sitk.ReadImage(str(output / "warped_floating_mask.nrrd"))
+    assert warped.GetSize() == sitk.ReadImage(str(inputs["reference"])).GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(warped)).tolist()) == {0, 1, 300}
+    assert "after" not in json.loads((output / "metrics.json").read_text())  # nothing to compare it with
+
+
 @pytest.mark.parametrize("stage", ["finetuning", "instance optimisation in 3D"])
 def test_ctrl_c_during_a_stage_stops_at_once_and_leaves_the_outputs_as_they_were(tmp_path, inputs, stage,
                                                                                    read_test_image):

@@ -252,3 +252,41 @@ def test_folding_fraction_of_a_local_flip(shape):
 def test_jacobian_rejects_mismatched_field(shape):
     with pytest.raises(ValueError, match="displacement"):
         metrics.jacobian_determinant(np.zeros(shape))
+
+
+def test_label_overlap_metrics_measure_each_label_as_its_own_mask():
+    rng = np.random.default_rng(0)
+    reference = np.zeros((30, 40, 50), np.uint16)
+    reference[2:10, 5:20, 5:25] = 1
+    reference[12:28, 20:38, 10:45] = 700
+    reference[0:4, 0:6, 44:50] = 3  # touches the edge of the grid
+    warped = np.roll(reference, (1, -2, 1), axis=(0, 1, 2))
+    warped[rng.random(warped.shape) < 0.01] = 0
+    spacing = (3.0, 1.0, 1.5)
+    result = metrics.label_overlap_metrics(reference, warped, spacing)
+    assert set(result["labels"]) == {"1", "3", "700"}
+    for label in (1, 3, 700):  # measured within a box around the label, as on the whole grid
+        assert result["labels"][str(label)] == pytest.approx(
+            metrics.overlap_metrics(reference == label, warped == label, spacing))
+    for name in ("dice", "hd95_mm", "mad_mm"):
+        assert result[name] == pytest.approx(np.mean([values[name] for values in result["labels"].values()]))
+
+
+def test_label_overlap_metrics_of_a_label_missing_from_one_map():
+    reference = np.zeros((20, 20), np.int32)
+    reference[2:8, 2:8], reference[10:18, 10:18] = 1, 2
+    warped = np.where(reference == 2, 0, reference)
+    result = metrics.label_overlap_metrics(reference, warped, (1.0, 1.0))
+    assert result["labels"]["1"]["dice"] == 1.0 and result["labels"]["2"]["dice"] == 0.0
+    assert result["labels"]["2"]["hd95_mm"] == np.inf and result["dice"] == 0.5
+    # Only the labels asked for; one absent from both maps is left out.
+    assert set(metrics.label_overlap_metrics(reference, warped, (1.0, 1.0), np.array([1, 5]))["labels"]) == {"1"}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_label_values_are_the_non_zero_values(dtype):
+    labels = np.zeros((5, 6), dtype)
+    labels[0, 0], labels[1, 1], labels[2, 2] = 4, 2, 4
+    if dtype == np.int16:
+        labels[3, 3] = -1
+    assert metrics.label_values(labels).tolist() == ([-1, 2, 4] if dtype == np.int16 else [2, 4])

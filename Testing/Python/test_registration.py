@@ -9,7 +9,8 @@ import torch
 
 from helpers import (index_to_physical, one_torch_thread, perturb_head, rotation_2d,  # noqa: F401
                      small_float, small_label, small_pair_2d, tiny_model, with_geometry)
-from SARRegistrationLib import grids
+from SARRegistrationLib import grids, metrics
+from SARRegistrationLib.deformations import known_deformation
 from SARRegistrationLib.errors import (DeviceError, InputImageError, RegistrationCancelled, SARError,
                                        SettingsError, WeightsError)
 from SARRegistrationLib.model import save_model
@@ -268,6 +269,49 @@ def test_identical_masks_and_images_give_perfect_overlap(pair_2d, masks_2d, weig
                       floating_mask=reference_mask * 7, device="cpu", finetune=False)  # any non-zero label
     assert result.metrics["before"] == {"dice": 1.0, "hd95_mm": 0.0, "mad_mm": 0.0}
     assert result.metrics["after"]["dice"] == 1.0
+
+
+def test_label_maps_are_warped_with_their_labels_and_measured_label_by_label(read_test_image):
+    # The ventricles as two labels (1 left of column 78, 2 from it on), the pair moved by a known B-spline.
+    floating, ventricles = read_test_image("brain_t1.nrrd"), read_test_image("brain_ventricles.nrrd")
+    array = sitk.GetArrayFromImage(ventricles)
+    array[:, 78:] *= 2
+    floating_labels = sitk.GetImageFromArray(array)
+    floating_labels.CopyInformation(ventricles)
+    reference, reference_labels, _ = known_deformation(floating, floating_labels, np.random.default_rng(3), 6.0)
+    result = register(reference, floating, reference_mask=reference_labels, floating_mask=floating_labels)
+    warped = sitk.GetArrayFromImage(result.warped_floating_mask)
+    assert set(np.unique(warped).tolist()) == {0, 1, 2}
+    for when in ("before", "after"):
+        per_label = result.metrics[when]["labels"]
+        assert set(per_label) == {"1", "2"}
+        for name in ("dice", "hd95_mm", "mad_mm"):
+            assert result.metrics[when][name] == pytest.approx(np.mean([per_label[k][name] for k in ("1", "2")]))
+    for label in (1, 2):  # each label is registered and measured on its own, against the map written out
+        after = result.metrics["after"]["labels"][str(label)]["dice"]
+        assert after > result.metrics["before"]["labels"][str(label)]["dice"] + 0.05 and after > 0.9
+        assert after == pytest.approx(metrics.dice(sitk.GetArrayFromImage(reference_labels) == label, warped == label))
+    # Binary masks keep their one-structure metrics (the masks do not steer the registration: same field).
+    binary = register(reference, floating, reference_mask=reference_labels != 0, floating_mask=ventricles)
+    assert "labels" not in binary.metrics["after"]
+    assert binary.metrics["after"]["dice"] == pytest.approx(metrics.dice(sitk.GetArrayFromImage(reference_labels),
+                                                                         warped))
+
+
+def test_a_floating_mask_alone_is_warped(pair_2d, masks_2d):
+    reference, floating = pair_2d
+    result = register(reference, floating, floating_mask=masks_2d[1] * 255, network=False)
+    _same_grid(result.warped_floating_mask, reference)
+    assert set(np.unique(sitk.GetArrayFromImage(result.warped_floating_mask)).tolist()) == {0, 255}
+    assert "before" not in result.metrics and "after" not in result.metrics
+
+
+def test_a_probability_map_counts_as_one_structure(pair_2d, masks_2d):
+    reference, floating = pair_2d
+    probabilities = sitk.Cast(masks_2d[1], sitk.sitkFloat32) * 0.8
+    result = register(reference, floating, reference_mask=masks_2d[0], floating_mask=probabilities, network=False)
+    assert set(np.unique(sitk.GetArrayFromImage(result.warped_floating_mask)).tolist()) == {0, 1}
+    assert result.metrics["after"]["dice"] > 0.5
 
 
 def test_save_writes_every_output(tmp_path, pair_2d, masks_2d, weights_2d):
