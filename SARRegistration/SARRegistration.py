@@ -28,6 +28,7 @@ Conventions, where they change:
 
 from __future__ import annotations
 
+import collections
 import enum
 import importlib.util
 import inspect
@@ -1221,7 +1222,9 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
             # Loaded here rather than by the engine, so that a batch of runs loads it once.
             model = self._model(run.weightsPath, network_dimension(run.reference.GetDimension(), options["mode"]))
         check()
-        result, notes = self._runEngine(sar, run, model, lambda f, m: report(0.03 + 0.82 * f, m), cancelled)
+        referenceMask, floatingMask, labelNames = self._structureMasks(run)
+        masks = {"reference_mask": referenceMask, "floating_mask": floatingMask, "ignore_mask": run.ignoreMask}
+        result, notes = self._runEngine(sar, run, model, masks, lambda f, m: report(0.03 + 0.82 * f, m), cancelled)
         check()
 
         # Build every output before touching the scene, so that a failure here changes nothing.
@@ -1263,6 +1266,10 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         check()
 
         metrics = dict(result.metrics)
+        for when in ("before", "after"):  # the engine's labels 1, 2, ... are the segments' names
+            if "labels" in metrics.get(when, {}):
+                metrics[when] = {**metrics[when], "labels": {
+                    labelNames[int(label) - 1]: values for label, values in metrics[when]["labels"].items()}}
         if run.landmarks is not None:
             metrics["tre"] = fields.targetRegistrationErrors(
                 *run.landmarks, lambda points: self._mapToFloating(points, engineTransform, run, floatingFromAligned))
@@ -1271,16 +1278,13 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         return _ComputedRun(warpedImageData, gridTransform, referenceMask, floatingMask, warpedStructures,
                             inverseGridTransform, jacobianImageData, metrics, record)
 
-    def _runEngine(self, sar, run: _PreparedRun, model, progress, cancelled):
+    def _runEngine(self, sar, run: _PreparedRun, model, masks: dict, progress, cancelled):
         """The engine's ``register``; on a GPU that runs out of memory with device "auto", once more
         on the CPU. Returns the result and notes for the run record."""
         import torch
 
         outOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
         options = dict(run.engineOptions)
-        masks = {"reference_mask": self._union(run.referenceStructures, run.referenceGrid),
-                 "floating_mask": self._union(run.floatingStructures, run.floatingGrid),
-                 "ignore_mask": run.ignoreMask}
         try:
             return sar.register(run.reference, run.floating, model, **masks, **options, progress=progress,
                                 cancel=cancelled), []
@@ -1435,9 +1439,17 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
 
         rows = []
         before, after = metrics.get("before", {}), metrics.get("after", {})
-        for key, label, unit in (("dice", _("Dice"), ""), ("hd95_mm", _("HD95"), " mm"), ("mad_mm", _("MAD"), " mm")):
+        measures = (("dice", _("Dice"), ""), ("hd95_mm", _("HD95"), " mm"), ("mad_mm", _("MAD"), " mm"))
+        for key, label, unit in measures:
             if key in after:
-                rows.append((label, number(before.get(key), unit=unit), number(after[key], unit=unit)))
+                mean = _("{measure}, mean of {count} structures").format(measure=label, count=len(after["labels"])) \
+                    if "labels" in after else label
+                rows.append((mean, number(before.get(key), unit=unit), number(after[key], unit=unit)))
+        for name, values in after.get("labels", {}).items():  # each structure measured on its own
+            previous = before.get("labels", {}).get(name, {})
+            for key, label, unit in measures:
+                rows.append((_("{measure}: {structure}").format(measure=label, structure=name),
+                             number(previous.get(key), unit=unit), number(values[key], unit=unit)))
         if "tre" in metrics:
             tre = metrics["tre"]
             rows.append((_("Landmark error (TRE, mean of {count})").format(count=tre["points"]),
@@ -1671,6 +1683,28 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         if scalars is None:  # an empty input gives an empty output
             return np.zeros(grid.shape, dtype=np.uint8)
         return vtk.util.numpy_support.vtk_to_numpy(scalars).reshape(grid.shape)
+
+    @staticmethod
+    def _structureMasks(run: _PreparedRun):
+        """The engine's structure masks of both images, and the names of their labels.
+
+        Two or more segments named alike in both structures (left lung, right lung) go to the engine
+        as label maps, label ``k + 1`` the ``k``-th of those names, so that each is measured on its
+        own; otherwise, or where a structure's segments overlap (a label map cannot hold a voxel
+        twice), every segment together. Returns ``(reference, floating, names)``, names empty for
+        the union."""
+        structureGrids = (run.referenceGrid, run.floatingGrid)
+        structures = (run.referenceStructures, run.floatingStructures)
+        counts = [collections.Counter(structure.name for structure in each) for each in structures]
+        names = [name for name, count in counts[0].items() if count == 1 and counts[1][name] == 1]
+        byName = [{structure.name: structure.mask for structure in each} for each in structures]
+        if len(names) < 2 or any(
+                np.sum([masks[name] for name in names], axis=0, dtype=np.int32).max() > 1 for masks in byName):
+            return SARRegistrationLogic._union(structures[0], structureGrids[0]), \
+                SARRegistrationLogic._union(structures[1], structureGrids[1]), []
+        labelMaps = [grid.sitkImage(np.sum([(k + 1) * masks[name] for k, name in enumerate(names)], axis=0,
+                                           dtype=np.uint16)) for masks, grid in zip(byName, structureGrids)]
+        return labelMaps[0], labelMaps[1], names
 
     @staticmethod
     def _union(structures: list, grid: _VolumeGrid):

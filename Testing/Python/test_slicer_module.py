@@ -507,6 +507,41 @@ def test_structures_and_masks_become_segmentations_on_the_right_grids(scene, log
                                   sitk.GetArrayFromImage(engine.warped_floating_mask))
 
 
+def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, logic, pair_3d, model_3d,
+                                                                          ventricles_array):
+    reference, floating = pair_3d
+    box = np.zeros_like(ventricles_array)
+    box[4:8, 10:20, 12:22] = 1
+    box *= 1 - ventricles_array  # segments that do not overlap: one label map holds them
+    segments = {"ventricles": ventricles_array, "box": box}
+    reference_structure = add_segmentation(scene, segments, ijk_to_ras(**REFERENCE_RAS), "reference structures")
+    floating_structure = add_segmentation(scene, dict(reversed(segments.items())), ijk_to_ras(**FLOATING_RAS),
+                                          "floating structures")  # matched by name, not by order
+    result = logic.register(reference, floating, reference_structure, floating_structure, model=model_3d,
+                            finetune=False, device="cpu")
+
+    # The same run through the engine, with label maps numbered in the reference's order.
+    labels = ventricles_array + 2 * box
+    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
+                          reference_mask=mask_image(labels, reference, logic),
+                          floating_mask=mask_image(labels, floating, logic), finetune=False, device="cpu")
+    for when in ("before", "after"):
+        assert result.metrics[when]["labels"] == {"ventricles": engine.metrics[when]["labels"]["1"],
+                                                  "box": engine.metrics[when]["labels"]["2"]}
+        assert result.metrics[when]["dice"] == engine.metrics[when]["dice"]
+    rows = logic.metricsRows(result.metrics)
+    assert rows[0][0] == "Dice, mean of 2 structures"
+    dice = engine.metrics["after"]["labels"]["1"]["dice"]
+    assert ("Dice: ventricles", f"{engine.metrics['before']['labels']['1']['dice']:.3f}", f"{dice:.3f}") in rows
+
+    # Segments that overlap cannot share a label map: both structures are measured as one, as before.
+    overlapping = add_segmentation(scene, {"ventricles": ventricles_array, "box": np.maximum(box, ventricles_array)},
+                                   ijk_to_ras(**FLOATING_RAS), "overlapping structures")
+    union = logic.register(reference, floating, reference_structure, overlapping, model=model_3d, finetune=False,
+                           device="cpu")
+    assert "labels" not in union.metrics["after"]
+
+
 def test_segmentation_made_of_surfaces_is_converted(scene, logic, pair_3d, model_3d, monkeypatch):
     """A segment given as a closed surface (from a model or an STL file) reaches the engine as a mask."""
     reference, floating = pair_3d
