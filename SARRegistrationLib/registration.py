@@ -480,14 +480,19 @@ def _resampled_field(field_voxels: np.ndarray, from_grid: sitk.Image, to_grid: s
     return displacement_in_voxels(field_mm)
 
 
-def _as_image(source, role: str, mask: bool = False):
+def _checked(source, role: str, allow_constant: bool = False):
+    """``source``, an image or a path, read and checked (or None)."""
     if source is None:
         return None
     # read_image checks what it reads; an image handed in is checked here.
-    image = imageio.check_image(source, role, allow_constant=mask) if isinstance(source, sitk.Image) \
-        else imageio.read_image(source, role, allow_constant=mask)
+    return imageio.check_image(source, role, allow_constant) if isinstance(source, sitk.Image) \
+        else imageio.read_image(source, role, allow_constant=allow_constant)
+
+
+def _as_image(source, role: str, mask: bool = False):
+    image = _checked(source, role, allow_constant=mask)
     # An ignore mask may be empty or hold several labels: any non-zero voxel is in it.
-    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask else image
+    return sitk.Cast(sitk.NotEqual(image, 0), sitk.sitkUInt8) if mask and image is not None else image
 
 
 def _as_labels(source, role: str):
@@ -496,10 +501,9 @@ def _as_labels(source, role: str):
     Its values are kept, so that the warped map holds the user's labels; non-integer values (a
     probability map) become one structure, 1 where non-zero.
     """
-    if source is None:
+    image = _checked(source, role, allow_constant=True)
+    if image is None:
         return None
-    image = imageio.check_image(source, role, allow_constant=True) if isinstance(source, sitk.Image) \
-        else imageio.read_image(source, role, allow_constant=True)
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind in "bui":
         return image
