@@ -290,3 +290,14 @@ def test_label_values_are_the_non_zero_values(dtype):
     if dtype == np.int16:
         labels[3, 3] = -1
     assert metrics.label_values(labels).tolist() == ([-1, 2, 4] if dtype == np.int16 else [2, 4])
+
+
+def test_surface_measures_within_the_masks_box_equal_those_on_the_whole_grid():
+    grid = np.indices((40, 50, 60)).astype(float)
+    a = ((grid - np.array([20, 30, 40])[:, None, None, None]) ** 2).sum(axis=0) < 8 ** 2
+    b = np.roll(a, (2, -1, 3), axis=(0, 1, 2))
+    b[0:3, 0:4, :] = True  # a part on the grid's edge
+    spacing = (2.0, 1.0, 0.5)
+    distances = np.concatenate(metrics.surface_distances(a, b, spacing))  # on the whole grid
+    assert metrics.hausdorff95(a, b, spacing) == pytest.approx(np.percentile(distances, 95))
+    assert metrics.mean_surface_distance(a, b, spacing) == pytest.approx(distances.mean())
