@@ -84,11 +84,14 @@ def _cropped(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     structure of 20 x 30 x 40 voxels.
     """
     either = a | b
-    box = []
-    for axis in range(a.ndim):
-        occupied = np.flatnonzero(either.any(axis=tuple(k for k in range(a.ndim) if k != axis)))
-        box.append(slice(max(0, occupied[0] - 1), occupied[-1] + 2))
-    return a[tuple(box)], b[tuple(box)]
+    occupied = [np.flatnonzero(either.any(axis=tuple(k for k in range(a.ndim) if k != axis))) for axis in range(a.ndim)]
+    box = _widened([voxels[0] for voxels in occupied], [voxels[-1] + 1 for voxels in occupied])
+    return a[box], b[box]
+
+
+def _widened(starts, stops) -> tuple[slice, ...]:
+    """The box from ``starts`` to ``stops`` (exclusive), one voxel wider on each side where the grid allows."""
+    return tuple(slice(max(0, start - 1), stop + 1) for start, stop in zip(starts, stops))
 
 
 def _pooled_surface_statistic(a, b, spacing, statistic) -> float:
@@ -168,8 +171,8 @@ def label_overlap_metrics(reference_labels, warped_labels, spacing, labels=None)
         present = [found[k] for found in boxes if found[k] is not None]
         if not present:  # in neither map: nothing to compare
             continue
-        crop = tuple(slice(max(0, min(box[axis].start for box in present) - 1),
-                           max(box[axis].stop for box in present) + 1) for axis in range(reference_labels.ndim))
+        crop = _widened([min(box[axis].start for box in present) for axis in range(reference_labels.ndim)],
+                        [max(box[axis].stop for box in present) for axis in range(reference_labels.ndim)])
         per_label[str(label.item())] = overlap_metrics(reference_labels[crop] == label, warped_labels[crop] == label,
                                                        spacing)
     summary = {name: float(np.mean([values[name] for values in per_label.values()])) if per_label else

@@ -362,7 +362,7 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
             ("warped_mask", warped_floating_mask))}
         qa_inputs["masks"] = masks
         spacing = reference.GetSpacing()[::-1]
-        labels = [metrics.label_values(imageio.array_of(mask)) for mask in (reference_mask, floating_mask)]
+        labels = [metrics.label_values(sitk.GetArrayViewFromImage(mask)) for mask in (reference_mask, floating_mask)]
         by_label = min(len(values) for values in labels) > 1  # else: one structure in each, whatever its value
         for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
             summary[key] = metrics.label_overlap_metrics(masks["reference_mask"], masks[moving], spacing,

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from helpers import one_torch_thread, small_label, small_pair_2d, tiny_model  # noqa: F401  (autouse fixture)
-from SARRegistrationLib import cli, training
+from SARRegistrationLib import cli, imageio, training
 from SARRegistrationLib.datasets import SyntheticPairDataset
 from SARRegistrationLib.errors import TrainingCancelled
 from SARRegistrationLib.model import SARModel, load_model, read_checkpoint, save_model
@@ -120,9 +120,7 @@ def test_a_floating_label_map_alone_is_warped_with_its_labels(tmp_path, inputs):
     floating_mask = sitk.ReadImage(str(inputs["floating_mask"]))
     labels = sitk.GetArrayFromImage(floating_mask).astype(np.uint16)
     labels[:, labels.shape[1] // 2:] *= 300  # labels 1 and 300: the warped map must keep both
-    label_map = sitk.GetImageFromArray(labels)
-    label_map.CopyInformation(floating_mask)
-    sitk.WriteImage(label_map, str(tmp_path / "labels.nrrd"))
+    sitk.WriteImage(imageio.image_like(labels, floating_mask), str(tmp_path / "labels.nrrd"))
     output = tmp_path / "result"
     assert cli.main(["register", "--reference", str(inputs["reference"]), "--floating", str(inputs["floating"]),
                      "--floating-mask", str(tmp_path / "labels.nrrd"), "--output-dir", str(output), "--no-qa"]) == 0

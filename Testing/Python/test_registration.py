@@ -9,7 +9,7 @@ import torch
 
 from helpers import (index_to_physical, one_torch_thread, perturb_head, rotation_2d,  # noqa: F401
                      small_float, small_label, small_pair_2d, tiny_model, with_geometry)
-from SARRegistrationLib import grids, metrics
+from SARRegistrationLib import grids, imageio, metrics
 from SARRegistrationLib.deformations import known_deformation
 from SARRegistrationLib.errors import (DeviceError, InputImageError, RegistrationCancelled, SARError,
                                        SettingsError, WeightsError)
@@ -276,8 +276,7 @@ def test_label_maps_are_warped_with_their_labels_and_measured_label_by_label(rea
     floating, ventricles = read_test_image("brain_t1.nrrd"), read_test_image("brain_ventricles.nrrd")
     array = sitk.GetArrayFromImage(ventricles)
     array[:, 78:] *= 2
-    floating_labels = sitk.GetImageFromArray(array)
-    floating_labels.CopyInformation(ventricles)
+    floating_labels = imageio.image_like(array, ventricles)
     reference, reference_labels, _ = known_deformation(floating, floating_labels, np.random.default_rng(3), 6.0)
     result = register(reference, floating, reference_mask=reference_labels, floating_mask=floating_labels)
     warped = sitk.GetArrayFromImage(result.warped_floating_mask)
