@@ -107,7 +107,8 @@ class RegistrationResult:
         """Arrays of the QA figure on the reference grid, built only when a figure is drawn.
 
         A volume gives only the slices around its middle one, which is all the figure shows and
-        what the middle slice's Jacobian needs; the folded fraction of the title is the whole field's.
+        what the middle slice's Jacobian needs; the folded fraction of the title is the whole field's,
+        and whether the masks are drawn label by label is decided on the whole masks.
         """
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
         rows, reference_slab = _middle_rows(reference), _middle_slab(reference)
@@ -116,7 +117,10 @@ class RegistrationResult:
                   "warped": imageio.array_of(_middle_slab(self.warped)),
                   "displacement": displacement_in_voxels(self.displacement, rows),
                   "folded_fraction": self.metrics["folding_fraction"]}
-        return {**arrays, **{name: mask[rows] for name, mask in self.qa_inputs.get("masks", {}).items()}}
+        for name, mask in self.qa_inputs.get("masks", {}).items():  # the user's masks, on the reference's grid
+            arrays[name] = None if mask is None else imageio.array_of(
+                _middle_slab(mask) if name == "warped_mask" else grids.resample_to(mask, reference_slab, label=True))
+        return {**arrays, "by_label": self.qa_inputs.get("by_label")}
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
@@ -355,15 +359,19 @@ def register(reference, floating, model: SARModel | None = None, *, reference_ma
     qa_inputs = {"reference": reference, "floating": floating}
     warped_floating_mask = None if floating_mask is None else \
         grids.resample_to(floating_mask, reference, label=True, transform=transform)
+    if floating_mask is not None:
+        given = [mask for mask in (reference_mask, floating_mask) if mask is not None]
+        labels = [metrics.label_values(sitk.GetArrayViewFromImage(mask)) for mask in given]
+        by_label = min(len(values) for values in labels) > 1  # else: one structure in each, whatever its value
+        qa_inputs["masks"] = {"reference_mask": reference_mask, "floating_mask": floating_mask,
+                              "warped_mask": warped_floating_mask}
+        qa_inputs["by_label"] = by_label
     if reference_mask is not None and floating_mask is not None:
         masks = {name: imageio.array_of(image) for name, image in (
             ("reference_mask", grids.resample_to(reference_mask, reference, label=True)),
             ("floating_mask", grids.resample_to(floating_mask, reference, label=True)),
             ("warped_mask", warped_floating_mask))}
-        qa_inputs["masks"] = masks
         spacing = reference.GetSpacing()[::-1]
-        labels = [metrics.label_values(sitk.GetArrayViewFromImage(mask)) for mask in (reference_mask, floating_mask)]
-        by_label = min(len(values) for values in labels) > 1  # else: one structure in each, whatever its value
         for key, moving in (("before", "floating_mask"), ("after", "warped_mask")):
             summary[key] = metrics.label_overlap_metrics(masks["reference_mask"], masks[moving], spacing,
                                                          np.union1d(*labels)) if by_label else \

@@ -99,3 +99,55 @@ def test_failed_render_leaves_existing_file_untouched(tmp_path, monkeypatch):
         qa.save_qa_figure(path, image, image, image, np.zeros((2, 16, 16)))
     assert path.read_bytes() == b"previous figure"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def _legend(ax):
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def _square_labels(shape, values, shift=0):
+    """A label map with one 6 x 6 square per value along the diagonal, moved ``shift`` columns."""
+    labels = np.zeros(shape, dtype=np.int32)
+    for index, value in enumerate(values):
+        labels[4 + 8 * index:10 + 8 * index, 4 + 8 * index + shift:10 + 8 * index + shift] = value
+    return labels
+
+
+def test_label_maps_are_outlined_label_by_label():
+    reference, moving = _square_labels((40, 40), [1, 2, 7]), _square_labels((40, 40), [1, 2], shift=2)
+    ax = Figure().subplots()
+    qa._draw_masks(ax, reference, moving, "lime", "warped", by_label=True)
+    assert _legend(ax) == ["reference", "warped", "label 1", "label 2", "label 7"]
+    outlines = [(tuple(c.get_edgecolor()[0]), c.get_linestyle()[0][1] is not None) for c in ax.collections]
+    assert len(outlines) == 5  # labels 1 and 2 in both maps, label 7 in the reference only
+    colours = {colour for colour, _ in outlines}
+    assert len(colours) == 3  # one colour a label, shared by its reference (dashed) and moving (solid) outline
+    assert sorted(dashed for _, dashed in outlines) == [False, False, True, True, True]
+
+
+def test_one_structure_is_outlined_in_two_colours():
+    reference, moving = _square_labels((40, 40), [1, 2]), _square_labels((40, 40), [1, 2], shift=2)
+    ax = Figure().subplots()
+    qa._draw_masks(ax, reference, moving, "yellow", "floating", by_label=False)
+    assert _legend(ax) == ["reference", "floating"]
+    assert len(ax.collections) == 2
+
+
+def test_a_long_legend_ends_with_a_count():
+    labels = np.arange(1, 16).repeat(16).reshape(15, 16)  # 15 labels, one row each
+    ax = Figure().subplots()
+    qa._draw_masks(ax, None, np.pad(labels, 2), "lime", "warped", by_label=True)
+    legend = _legend(ax)
+    assert len(legend) == 10 and legend[:2] == ["warped", "label 1"] and legend[-1] == "and 7 more"
+
+
+@pytest.mark.parametrize("values, expected", [(([1, 2], [1, 2]), True), (([1], [255]), False),
+                                              (([1, 2], [1]), False), ((None, [3, 4]), True)])
+def test_masks_are_drawn_label_by_label_when_every_map_holds_two_labels(tmp_path, monkeypatch, values, expected):
+    drawn = []
+    monkeypatch.setattr(qa, "_draw_masks", lambda *arguments: drawn.append(arguments[-1]))
+    image = np.random.default_rng(0).random((40, 40))
+    maps = [None if value is None else _square_labels((40, 40), value) for value in values]
+    qa.save_qa_figure(tmp_path / "qa.png", image, image, image, np.zeros((2, 40, 40)), reference_mask=maps[0],
+                      floating_mask=maps[1], warped_mask=maps[1])
+    assert drawn == [expected, expected]  # the before and after panels

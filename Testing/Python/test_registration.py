@@ -295,6 +295,14 @@ def test_label_maps_are_warped_with_their_labels_and_measured_label_by_label(rea
     assert "labels" not in binary.metrics["after"]
     assert binary.metrics["after"]["dice"] == pytest.approx(metrics.dice(sitk.GetArrayFromImage(reference_labels),
                                                                          warped))
+    # The QA figure outlines label by label, an atlas's floating map alone included; binary masks as one.
+    atlas = register(reference, floating, floating_mask=floating_labels)
+    assert result._qa_arrays()["by_label"] and atlas._qa_arrays()["by_label"]
+    assert not binary._qa_arrays()["by_label"]
+    arrays = atlas._qa_arrays()
+    assert arrays["reference_mask"] is None
+    np.testing.assert_array_equal(arrays["floating_mask"], sitk.GetArrayFromImage(floating_labels))
+    np.testing.assert_array_equal(arrays["warped_mask"], warped)
 
 
 def test_a_floating_mask_alone_is_warped(pair_2d, masks_2d):
