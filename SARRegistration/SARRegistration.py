@@ -671,6 +671,7 @@ class _Structure:
     name: str
     color: tuple
     mask: np.ndarray  # uint8, k, j, i
+    label: int | None = None  # its value in a label map node (None: a segment)
 
 
 @dataclass
@@ -1664,7 +1665,7 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                 named = colors is not None and colors.GetColor(int(label), rgba)
                 name = colors.GetColorName(int(label)) if named else f"{structureNode.GetName()} {int(label)}"
                 color = tuple(rgba[:3]) if named else (1.0, 1.0, 0.0)
-                structures.append(_Structure(name, color, (labels == label).astype(np.uint8)))
+                structures.append(_Structure(name, color, (labels == label).astype(np.uint8), int(label)))
         else:
             raise ValueError(_("The {role} must be a segmentation or a label map volume, not a {kind}.").format(
                 role=role, kind=structureNode.GetClassName()))
@@ -1688,23 +1689,27 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
     def _structureMasks(run: _PreparedRun):
         """The engine's structure masks of both images, and the names of their labels.
 
-        Two or more segments named alike in both structures (left lung, right lung) go to the engine
-        as label maps, label ``k + 1`` the ``k``-th of those names, so that each is measured on its
-        own; otherwise, or where a structure's segments overlap (a label map cannot hold a voxel
-        twice), every segment together. Returns ``(reference, floating, names)``, names empty for
-        the union."""
+        Two or more segments named alike in both structures (left lung, right lung), or labels of
+        the same value in two label map nodes (whose names come from their colour tables, which
+        may differ), go to the engine as label maps, label ``k + 1`` the ``k``-th of them in the
+        reference's order, so that each is measured on its own; otherwise, or where a structure's
+        segments overlap (a label map cannot hold a voxel twice), every segment together. Returns
+        ``(reference, floating, names)``: the reference's names of the labels, empty for the union."""
         structureGrids = (run.referenceGrid, run.floatingGrid)
         structures = (run.referenceStructures, run.floatingStructures)
-        counts = [collections.Counter(structure.name for structure in each) for each in structures]
-        names = [name for name, count in counts[0].items() if count == 1 and counts[1][name] == 1]
-        byName = [{structure.name: structure.mask for structure in each} for each in structures]
-        if len(names) < 2 or any(
-                np.sum([masks[name] for name in names], axis=0, dtype=np.int32).max() > 1 for masks in byName):
+        byValue = all(structure.label is not None for each in structures for structure in each)
+        keys = [[structure.label if byValue else structure.name for structure in each] for each in structures]
+        counts = [collections.Counter(each) for each in keys]
+        shared = [key for key, count in counts[0].items() if count == 1 and counts[1][key] == 1]
+        byKey = [dict(zip(each, (structure.mask for structure in group))) for each, group in zip(keys, structures)]
+        if len(shared) < 2 or any(
+                np.sum([masks[key] for key in shared], axis=0, dtype=np.int32).max() > 1 for masks in byKey):
             return SARRegistrationLogic._union(structures[0], structureGrids[0]), \
                 SARRegistrationLogic._union(structures[1], structureGrids[1]), []
-        labelMaps = [grid.sitkImage(np.sum([(k + 1) * masks[name] for k, name in enumerate(names)], axis=0,
-                                           dtype=np.uint16)) for masks, grid in zip(byName, structureGrids)]
-        return labelMaps[0], labelMaps[1], names
+        labelMaps = [grid.sitkImage(np.sum([(k + 1) * masks[key] for k, key in enumerate(shared)], axis=0,
+                                           dtype=np.uint16)) for masks, grid in zip(byKey, structureGrids)]
+        names = dict(zip(keys[0], (structure.name for structure in structures[0])))
+        return labelMaps[0], labelMaps[1], [names[key] for key in shared]
 
     @staticmethod
     def _union(structures: list, grid: _VolumeGrid):

@@ -542,6 +542,30 @@ def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, 
     assert "labels" not in union.metrics["after"]
 
 
+def test_two_label_map_nodes_are_matched_by_value_whatever_their_names(scene, logic, pair_3d, model_3d,
+                                                                         ventricles_array):
+    # Label map nodes name their labels from their colour tables, or after themselves without one:
+    # here "reference labels 1" and "floating labels 1", which share no name.
+    reference, floating = pair_3d
+    box = np.zeros_like(ventricles_array)
+    box[4:8, 10:20, 12:22] = 1
+    labels = (ventricles_array + 2 * box * (1 - ventricles_array)).astype(np.int16)
+    reference_labels = add_volume(scene, labels, ijk_to_ras(**REFERENCE_RAS), "reference labels",
+                                  "vtkMRMLLabelMapVolumeNode")
+    floating_labels = add_volume(scene, labels, ijk_to_ras(**FLOATING_RAS), "floating labels",
+                                 "vtkMRMLLabelMapVolumeNode")
+    result = logic.register(reference, floating, reference_labels, floating_labels, model=model_3d,
+                            finetune=False, device="cpu")
+
+    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
+                          reference_mask=mask_image(labels, reference, logic),
+                          floating_mask=mask_image(labels, floating, logic), finetune=False, device="cpu")
+    for when in ("before", "after"):
+        assert result.metrics[when]["labels"] == {"reference labels 1": engine.metrics[when]["labels"]["1"],
+                                                  "reference labels 2": engine.metrics[when]["labels"]["2"]}
+    assert logic.metricsRows(result.metrics)[0][0] == "Dice, mean of 2 structures"
+
+
 def test_segmentation_made_of_surfaces_is_converted(scene, logic, pair_3d, model_3d, monkeypatch):
     """A segment given as a closed surface (from a model or an STL file) reaches the engine as a mask."""
     reference, floating = pair_3d
