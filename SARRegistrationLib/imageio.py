@@ -140,22 +140,32 @@ def normalise_intensity(array: np.ndarray, lower_percentile: float = 1.0, upper_
 # -1024, -2048 or -3024. So a CT image's lowest voxel lies between these two values; MR, PET and
 # ultrasound intensities are not negative, and an image stretched over a signed type's range goes
 # far lower. A CT cropped inside the body has no air: its lowest voxel is fat, about -100. That is
-# recognised only in a signed integer type that holds HU, as CT is stored (whole HU, 16 bits or
-# more: 8 cannot hold air or bone): a float image with a few negative values is more often a
-# processed MR (interpolation overshoot, a subtraction).
+# recognised only in whole HU, as CT is stored: a signed integer type of 16 bits or more (8 cannot
+# hold air or bone), or floats that are all whole numbers (a NIfTI file whose rescale intercept,
+# -1024 on unsigned voxels, makes ITK read it as float). A float image with a few negative
+# fractional values is more often a processed MR (interpolation overshoot, a subtraction).
 HOUNSFIELD_AIR, HOUNSFIELD_PADDING, HOUNSFIELD_FAT = -500.0, -3100.0, -50.0
 HOUNSFIELD_TYPES = (sitk.sitkInt16, sitk.sitkInt32, sitk.sitkInt64)
+FLOAT_TYPES = (sitk.sitkFloat32, sitk.sitkFloat64)
 
 
 def in_hounsfield_units(image: sitk.Image) -> bool:
     """Whether ``image`` looks like CT in Hounsfield units: its lowest voxel is air or a scanner's
-    padding (between :data:`HOUNSFIELD_PADDING` and :data:`HOUNSFIELD_AIR`), or, in a signed
-    integer type of 16 bits or more, fat (above :data:`HOUNSFIELD_AIR`, at most :data:`HOUNSFIELD_FAT`)."""
+    padding (between :data:`HOUNSFIELD_PADDING` and :data:`HOUNSFIELD_AIR`), or, in whole HU (a
+    signed integer type of 16 bits or more, or floats that are whole numbers), fat (above
+    :data:`HOUNSFIELD_AIR`, at most :data:`HOUNSFIELD_FAT`)."""
     extremes = sitk.MinimumMaximumImageFilter()
     extremes.Execute(image)
     lowest = extremes.GetMinimum()
-    return HOUNSFIELD_PADDING <= lowest <= HOUNSFIELD_AIR or \
-        (image.GetPixelID() in HOUNSFIELD_TYPES and HOUNSFIELD_AIR < lowest <= HOUNSFIELD_FAT)
+    if HOUNSFIELD_PADDING <= lowest <= HOUNSFIELD_AIR:
+        return True
+    if not HOUNSFIELD_AIR < lowest <= HOUNSFIELD_FAT:
+        return False
+    if image.GetPixelID() in FLOAT_TYPES:  # whole numbers throughout: an evenly strided subset says so
+        values = sitk.GetArrayViewFromImage(image).ravel()
+        values = values[::max(1, values.size // 65536)]
+        return bool(np.array_equal(values, np.round(values)))
+    return image.GetPixelID() in HOUNSFIELD_TYPES
 
 
 def array_of(image: sitk.Image) -> np.ndarray:

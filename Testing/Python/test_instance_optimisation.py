@@ -303,6 +303,23 @@ def test_equalisation_spreads_a_narrow_band_and_keeps_the_order_of_intensities()
     assert torch.equal(equalised(constant), constant)
 
 
+def test_a_nifti_ct_without_air_read_as_float_is_recognised(tmp_path):
+    """Unsigned voxels with a rescale intercept of -1024 (NIfTI's scl_inter, bytes 116-119 of the
+    header), as converters store CT: ITK reads them as float, in whole HU. Cropped inside the body,
+    the lowest voxel is fat, and the pair is still compared as CT."""
+    values = np.random.default_rng(0).integers(924, 1104, (12, 24, 24)).astype(np.uint16)  # -100 to 80 HU
+    path = tmp_path / "ct.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    header = bytearray(path.read_bytes())
+    header[112:120] = np.array([1.0, -1024.0], dtype="<f4").tobytes()  # scl_slope, scl_inter
+    path.write_bytes(bytes(header))
+    image = sitk.ReadImage(str(path))
+    assert image.GetPixelID() == sitk.sitkFloat32 and sitk.GetArrayViewFromImage(image).min() == -100
+    assert in_hounsfield_units(image)
+    result = register(image, image, device="cpu", optimisation_iterations=2, optimisation_levels=1)
+    assert result.metrics["instance_optimisation"]["equalised"] is True
+
+
 def test_ct_pairs_are_recognised_and_nmi_compares_them_equalised(lung_pair, read_test_image):
     """The lung image in Hounsfield units (air at -1000, the lung's tissue squeezed into -80 to 80):
     NMI's 32 bins see little inside the body, so CT to CT is equalised, and the field is recovered
@@ -318,10 +335,13 @@ def test_ct_pairs_are_recognised_and_nmi_compares_them_equalised(lung_pair, read
     assert not any(in_hounsfield_units(read_test_image(name)) for name in ("brain_t1.nrrd", "rat_lung_1.nrrd"))
     assert in_hounsfield_units(sitk.Cast(moved - 2024.0, sitk.sitkInt16))  # -3024 padding, as some scanners write
     assert not in_hounsfield_units(sitk.Cast(moved * 30.0, sitk.sitkInt16))  # a signed type's range stretched
-    # Cropped inside the body, no air: fat is the lowest. CT in whole HU (int16) is recognised; a float
-    # image with such values (a processed MR) is not, nor is an 8-bit one (which cannot hold HU).
+    # Cropped inside the body, no air: fat is the lowest. CT in whole HU is recognised, in int16 or in
+    # float (as ITK reads a NIfTI file with a rescale intercept); fractional floats with such values
+    # (a processed MR) are not, nor is an 8-bit image (which cannot hold HU).
     fat = sitk.Clamp(hu, sitk.sitkFloat32, -100.0, 80.0)
-    assert in_hounsfield_units(sitk.Cast(fat, sitk.sitkInt16)) and not in_hounsfield_units(fat)
+    whole = sitk.Cast(fat, sitk.sitkInt16)
+    assert in_hounsfield_units(whole) and not in_hounsfield_units(fat)
+    assert in_hounsfield_units(sitk.Cast(whole, sitk.sitkFloat32)) and in_hounsfield_units(sitk.Cast(whole, sitk.sitkFloat64))
     assert not in_hounsfield_units(sitk.Cast(fat, sitk.sitkInt8))
     applied = _applied_field(transform, reference)
     errors = {}
