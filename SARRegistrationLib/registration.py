@@ -106,20 +106,26 @@ class RegistrationResult:
     def _qa_arrays(self) -> dict:
         """Arrays of the QA figure on the reference grid, built only when a figure is drawn.
 
-        A volume gives only the slices around its middle one, which is all the figure shows and
-        what the middle slice's Jacobian needs; the folded fraction of the title is the whole field's,
+        A volume gives only the slice the figure shows with its neighbours (what that slice's
+        Jacobian needs): where the warped mask is largest across, so that the structure is in view,
+        or the middle one without a mask. The folded fraction of the title is the whole field's,
         and whether the masks are drawn label by label is decided on the whole masks.
         """
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
-        rows, reference_slab = _middle_rows(reference), _middle_slab(reference)
+        rows = _qa_rows(reference, self.warped_floating_mask)
+        reference_slab = _slab(reference, rows)
         arrays = {"reference": imageio.array_of(reference_slab),
                   "floating": imageio.array_of(grids.resample_to(floating, reference_slab)),
-                  "warped": imageio.array_of(_middle_slab(self.warped)),
+                  "warped": imageio.array_of(_slab(self.warped, rows)),
                   "displacement": displacement_in_voxels(self.displacement, rows),
                   "folded_fraction": self.metrics["folding_fraction"]}
+        if reference.GetDimension() == 3:
+            shown, depth = (rows.start + rows.stop) // 2, reference.GetSize()[2]
+            arrays["title"] = f"slice k = {shown} of 0-{depth - 1}" + \
+                (", where the warped mask is largest" if self.warped_floating_mask is not None else "")
         for name, mask in self.qa_inputs.get("masks", {}).items():  # the user's masks, on the reference's grid
             arrays[name] = None if mask is None else imageio.array_of(
-                _middle_slab(mask) if name == "warped_mask" else grids.resample_to(mask, reference_slab, label=True))
+                _slab(mask, rows) if name == "warped_mask" else grids.resample_to(mask, reference_slab, label=True))
         return {**arrays, "by_label": self.qa_inputs.get("by_label")}
 
 
@@ -599,18 +605,25 @@ def _field_statistics(field_mm: sitk.Image) -> tuple[float, float]:
     return folded / field_mm.GetNumberOfPixels(), largest
 
 
-def _middle_rows(image: sitk.Image) -> slice:
-    """The middle slice along array axis 0 with its neighbours (a 3D image), or everything (2D)."""
+def _qa_rows(image: sitk.Image, mask: sitk.Image | None = None) -> slice:
+    """The slices of a volume the QA figure is drawn from, along array axis 0: the one where
+    ``mask`` (on ``image``'s grid) covers most voxels, or the middle one, with a neighbour on each
+    side, so that the figure's slice is the slab's middle one; everything in 2D."""
     if image.GetDimension() == 2:
         return slice(None)
-    middle, depth = image.GetSize()[2] // 2, image.GetSize()[2]
-    return slice(max(middle - 1, 0), min(middle + 2, depth))
+    depth = image.GetSize()[2]
+    shown = depth // 2
+    if mask is not None and depth >= 3:
+        areas = np.count_nonzero(sitk.GetArrayViewFromImage(mask).reshape(depth, -1), axis=1)
+        if areas.any():
+            shown = min(max(int(np.argmax(areas)), 1), depth - 2)  # a neighbour on each side
+    return slice(max(shown - 1, 0), min(shown + 2, depth))
 
 
-def _middle_slab(image: sitk.Image) -> sitk.Image:
-    """:func:`_middle_rows` of a volume as an image (slicing keeps the physical position of its
-    voxels), or a 2D image whole."""
-    return image[:, :, _middle_rows(image)] if image.GetDimension() == 3 else image
+def _slab(image: sitk.Image, rows: slice) -> sitk.Image:
+    """``rows`` of a volume as an image (slicing keeps the physical position of its voxels), or a
+    2D image whole."""
+    return image[:, :, rows] if image.GetDimension() == 3 else image
 
 
 def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool, dtype=np.uint8) -> sitk.Image:

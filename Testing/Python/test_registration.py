@@ -499,25 +499,40 @@ def test_cancel_while_the_outputs_are_made(volume, monkeypatch):
     assert messages[-1] == "warping the floating image"  # stopped after the first slab of the warp
 
 
-def test_3d_qa_figure_is_drawn_from_the_middle_slab(tmp_path, volume):
-    """The QA arrays of a volume are its middle slices; their Jacobian there is the whole field's."""
-    from SARRegistrationLib import metrics
+def test_3d_qa_figure_is_drawn_where_the_warped_mask_is_largest(tmp_path, volume):
+    """The QA arrays of a volume are the slices around the one where the warped mask is largest
+    across (the middle one without a mask); their Jacobian there is the whole field's."""
     from SARRegistrationLib.fields import transform_to_displacement
 
     floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
-    mask = sitk.Cast(volume > float(np.percentile(sitk.GetArrayViewFromImage(volume), 90)), sitk.sitkUInt8)
+    array = np.zeros(sitk.GetArrayViewFromImage(volume).shape, np.uint8)  # 15 slices of 32 x 32
+    array[2:5, 8:24, 8:24] = 1
+    array[3, 4:28, 4:28] = 1  # widest across in slice 3
+    mask = imageio.image_like(array, volume)
     model = perturb_head(tiny_model(3), bias=[0.5, 1.0, -1.5], weight_std=0.05)
     result = register(volume, floating, model, reference_mask=mask, floating_mask=mask, mode="volume",
                       device="cpu", max_iterations=2)
+    warped_areas = np.count_nonzero(sitk.GetArrayFromImage(result.warped_floating_mask), axis=(1, 2))
+    shown = int(np.argmax(warped_areas))
+    assert 2 <= shown <= 4
     arrays = result._qa_arrays()
-    middle = volume.GetSize()[2] // 2  # 15 slices: the middle is 7, the slab 6..8
     assert arrays["reference"].shape == (3, 32, 32) and arrays["warped_mask"].shape == (3, 32, 32)
-    np.testing.assert_array_equal(arrays["reference"], sitk.GetArrayFromImage(volume)[middle - 1:middle + 2])
+    np.testing.assert_array_equal(arrays["reference"], sitk.GetArrayFromImage(volume)[shown - 1:shown + 2])
+    np.testing.assert_array_equal(arrays["warped_mask"][1], sitk.GetArrayFromImage(result.warped_floating_mask)[shown])
+    assert arrays["title"].startswith(f"slice k = {shown} of 0-14")
     whole = metrics.jacobian_determinant(transform_to_displacement(result.transform(), volume))
-    np.testing.assert_allclose(metrics.jacobian_determinant(arrays["displacement"])[1], whole[middle], atol=1e-9)
+    np.testing.assert_allclose(metrics.jacobian_determinant(arrays["displacement"])[1], whole[shown], atol=1e-9)
     assert arrays["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Without a mask, the middle slice; a mask widest on the first slice gives the second, which has
+    # a neighbour on each side.
+    plain = register(volume, floating, model, mode="volume", device="cpu", max_iterations=2)._qa_arrays()
+    np.testing.assert_array_equal(plain["reference"], sitk.GetArrayFromImage(volume)[6:9])
+    array[0] = 1
+    edge = register(volume, floating, floating_mask=imageio.image_like(array, volume), network=False)._qa_arrays()
+    np.testing.assert_array_equal(edge["reference"], sitk.GetArrayFromImage(volume)[0:3])
 
 
 def test_an_image_much_finer_than_the_working_grid_is_averaged_not_decimated():
