@@ -1120,7 +1120,8 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
                       cancel: Callable[[], bool] | None = None, **options) -> list:
         """Register every pair of files in a CSV manifest with the engine's batch code, as
         ``python -m SARRegistrationLib batch`` does: pair ``id`` into ``outputDir/id/``, one row per
-        pair in ``outputDir/report.csv`` and ``report.json``, and pairs done by an earlier run skipped.
+        pair in ``outputDir/report.csv`` and ``report.json`` (one per label of label maps in
+        ``labels.csv``), and pairs done by an earlier run skipped.
 
         ``options`` are the engine's ``register`` keywords (``mode="slicewise"``, ``max_iterations=50``,
         ``weights=...``; see ``SARRegistrationLib.batch.run_batch``). Returns the report's rows.

@@ -5,7 +5,8 @@ The manifest has a header line; its columns are ``reference`` and ``floating`` a
 name without its suffix). Relative paths are relative to the manifest's folder. Pair ``id`` is
 registered by :func:`registration.register` and saved by :meth:`RegistrationResult.save` into
 ``OUTPUT/id/``: the files ``register`` writes, all of them or none. ``OUTPUT/report.csv`` and
-``OUTPUT/report.json`` get one row per pair.
+``OUTPUT/report.json`` get one row per pair; ``OUTPUT/labels.csv`` one per label of each pair whose
+masks are label maps, measured label by label (only its header when there are none).
 
 A pair that cannot be registered (a missing file, a NaN image, 2D against 3D) is reported as
 failed and the batch goes on; options that no pair can run with (:class:`SettingsError`,
@@ -47,13 +48,15 @@ from .staging import interrupts_recorded, staged_output_dir
 
 IMAGE_COLUMNS = ("reference", "floating", "reference_mask", "floating_mask", "ignore_mask")
 PAIR_COLUMNS = (*IMAGE_COLUMNS, "id")
-REPORT_FILES = ("report.csv", "report.json")
+REPORT_FILES = ("report.csv", "report.json", "labels.csv")
 # Statuses of a report row; the first two are success.
 REGISTERED, SKIPPED, FAILED, INTERRUPTED, NOT_STARTED = \
     "registered", "skipped", "failed", "interrupted", "not started"
 REPORT_COLUMNS = ("id", "status", "error", "dice_before", "dice_after", "hd95_mm_before", "hd95_mm_after",
                   "mad_mm_before", "mad_mm_after", "folding_fraction", "iterations", "optimisation_iterations",
                   "seconds", "device", "rank", "reference", "floating")
+MEASURES = ("dice", "hd95_mm", "mad_mm")
+LABEL_COLUMNS = ("id", "label", *(f"{name}_{when}" for name in MEASURES for when in ("before", "after")))
 # The options of a batch are those of register() but what each pair brings.
 _REGISTER_PARAMETERS = inspect.signature(register).parameters
 REGISTER_OPTIONS = tuple(name for name in _REGISTER_PARAMETERS if name not in (
@@ -213,13 +216,20 @@ def succeeded(rows: list[dict]) -> bool:
 
 
 def write_report(output_dir, rows: list[dict]) -> list[Path]:
-    """``report.csv`` and ``report.json`` in ``output_dir``: both, or on any error neither."""
+    """:data:`REPORT_FILES` in ``output_dir``: all, or on any error none.
+
+    ``report.csv`` has a row per pair (:data:`REPORT_COLUMNS`), ``report.json`` the same rows with
+    each pair's per-label measures, and ``labels.csv`` a row per label of each pair measured label
+    by label (:data:`LABEL_COLUMNS`), which sorts and pivots across a cohort as it is."""
     counts = collections.Counter(row["status"] for row in rows)
+    labels = [{"id": row["id"], "label": label, **measures}
+              for row in rows for label, measures in (row.get("labels") or {}).items()]
     with staged_output_dir(output_dir) as staging:
-        with open(staging / REPORT_FILES[0], "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, REPORT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        for name, columns, table in ((REPORT_FILES[0], REPORT_COLUMNS, rows), (REPORT_FILES[2], LABEL_COLUMNS, labels)):
+            with open(staging / name, "w", newline="", encoding="utf-8") as stream:
+                writer = csv.DictWriter(stream, columns, extrasaction="ignore")  # report.csv: not the labels
+                writer.writeheader()
+                writer.writerows(table)
         (staging / REPORT_FILES[1]).write_text(json.dumps({"counts": dict(counts), "rows": rows}, indent=2) + "\n")
     return [Path(output_dir) / name for name in REPORT_FILES]
 
@@ -266,15 +276,18 @@ def _registered_pair(pair: Pair, pair_dir: Path, model_for, options: dict, done_
 
 def _row(pair: Pair, status: str, rank: int, device: str | None, metrics: dict | None = None,
          error: str | None = None) -> dict:
-    """A report row (:data:`REPORT_COLUMNS`); measures are None where the pair has none."""
+    """A report row (:data:`REPORT_COLUMNS`, and ``labels``: each label's measures, for label maps
+    measured label by label, else None); measures are None where the pair has none."""
     metrics = metrics or {}
-    measures = {f"{name}_{when}": metrics.get(when, {}).get(name)
-                for name in ("dice", "hd95_mm", "mad_mm") for when in ("before", "after")}
+    measures = {f"{name}_{when}": metrics.get(when, {}).get(name) for name in MEASURES for when in ("before", "after")}
+    by_label = [metrics.get(when, {}).get("labels") or {} for when in ("before", "after")]
+    labels = {label: {f"{name}_{when}": values.get(label, {}).get(name) for name in MEASURES
+                      for when, values in zip(("before", "after"), by_label)} for label in by_label[1]} or None
     return {"id": pair.id, "status": status, "error": error, **measures,
             "folding_fraction": metrics.get("folding_fraction"), "iterations": metrics.get("iterations"),
             "optimisation_iterations": (metrics.get("instance_optimisation") or {}).get("iterations"),
             "seconds": metrics.get("seconds"), "device": metrics.get("device", device), "rank": rank,
-            "reference": str(pair.reference), "floating": str(pair.floating)}
+            "reference": str(pair.reference), "floating": str(pair.floating), "labels": labels}
 
 
 def _all_options(register_options: dict) -> dict:

@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="CSV file with a header: reference, floating and optionally reference_mask, "
                             "floating_mask, ignore_mask, id; relative paths are relative to its folder")
     batch.add_argument("--output-dir", type=Path, required=True,
-                       help="pair ID's outputs go to OUTPUT_DIR/ID/, the report to OUTPUT_DIR/report.csv and .json")
+                       help="pair ID's outputs go to OUTPUT_DIR/ID/, the report to OUTPUT_DIR/report.csv and .json, "
+                            "the measures of each label of label maps to OUTPUT_DIR/labels.csv")
     _add_registration_options(batch)
     batch.add_argument("--no-qa", action="store_true", help="do not write the QA figures qa.png")
     batch.set_defaults(run=_run_batch)
@@ -216,7 +217,8 @@ def _run_batch(args) -> int:
         for row in rows:
             if row["status"] == FAILED:
                 print(f"  {row['id']}: {row['error']}")
-        print(f"wrote {report} and {report.with_suffix('.json')}")
+        labelled = " and labels.csv (each label of the label maps)" if any(row.get("labels") for row in rows) else ""
+        print(f"wrote {report} and {report.with_suffix('.json')}{labelled}")
     if succeeded(rows):
         return 0
     return 1 if all(row["status"] in (REGISTERED, SKIPPED, FAILED) for row in rows) else 130

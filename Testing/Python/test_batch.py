@@ -67,7 +67,7 @@ def without_timings(metrics: dict) -> dict:
 def test_a_bad_pair_is_reported_and_the_others_are_registered_as_register_does(first_run, manifest, tmp_path):
     status, output = first_run
     assert status == 1  # not every pair succeeded
-    assert files_in(output) == ["masked", "report.csv", "report.json", "swapped"]
+    assert files_in(output) == ["labels.csv", "masked", "report.csv", "report.json", "swapped"]
     assert files_in(output / "masked") == ["displacement.nrrd", "metrics.json", "warped.nrrd",
                                            "warped_floating_mask.nrrd"]
     assert files_in(output / "swapped") == ["displacement.nrrd", "metrics.json", "warped.nrrd"]
@@ -87,6 +87,8 @@ def test_a_bad_pair_is_reported_and_the_others_are_registered_as_register_does(f
     report = json.loads((output / "report.json").read_text())
     assert report["counts"] == {"registered": 2, "failed": 1}
     assert [row["error"] for row in report["rows"]] == [None, None, rows[2]["error"]]
+    assert [row["labels"] for row in report["rows"]] == [None, None, None]  # binary masks: one structure
+    assert (output / "labels.csv").read_text().splitlines() == [",".join(batch.LABEL_COLUMNS)]
 
     # The pair's outputs are those `register` writes for it.
     folder = manifest.parent
@@ -131,6 +133,37 @@ def test_a_rerun_redoes_only_what_is_not_done(first_run, manifest, tmp_path, mon
     assert registered == ["flo.nrrd", "ref.nrrd", "missing.nrrd"]
 
 
+def test_label_maps_are_reported_label_by_label(read_test_image, tmp_path):
+    """Masks with two labels (the ventricles split at a column): labels.csv has a row per label of
+    each pair, with the measures of its metrics.json; report.json's rows hold them too."""
+    reference, floating = small_pair_2d(read_test_image, 3)
+    for name, image in (("ref.nrrd", reference), ("flo.nrrd", floating)):
+        sitk.WriteImage(image, str(tmp_path / name))
+    for name, source in (("ref_labels.nrrd", "brain_ventricles.nrrd"), ("flo_labels.nrrd", "sample_floating_ventricles.nrrd")):
+        labels = sitk.GetArrayFromImage(small_label(read_test_image(source), 3)).astype(np.uint8)
+        labels[:, 26:] *= 2
+        image = sitk.GetImageFromArray(labels)
+        image.CopyInformation(reference)
+        sitk.WriteImage(image, str(tmp_path / name))
+    (tmp_path / "pairs.csv").write_text("id,reference,floating,reference_mask,floating_mask\n"
+                                        "a,ref.nrrd,flo.nrrd,ref_labels.nrrd,flo_labels.nrrd\n"
+                                        "b,flo.nrrd,ref.nrrd,flo_labels.nrrd,ref_labels.nrrd\n")
+    output = tmp_path / "out"
+    assert cli.main(["batch", "--pairs", str(tmp_path / "pairs.csv"), "--output-dir", str(output), *FAST]) == 0
+    with open(output / "labels.csv", newline="") as stream:
+        table = list(csv.DictReader(stream))
+    assert [(row["id"], row["label"]) for row in table] == [("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")]
+    report = json.loads((output / "report.json").read_text())["rows"]
+    for row in table:
+        metrics = json.loads((output / row["id"] / "metrics.json").read_text())
+        for name in batch.MEASURES:
+            for when in ("before", "after"):
+                assert float(row[f"{name}_{when}"]) == metrics[when]["labels"][row["label"]][name]
+        by_id = next(entry for entry in report if entry["id"] == row["id"])
+        assert by_id["labels"][row["label"]]["dice_after"] == float(row["dice_after"])
+    assert "labels" not in report_rows(output)[0]  # report.csv keeps one row per pair, the means
+
+
 def test_ctrl_c_keeps_the_finished_pairs_and_a_rerun_does_the_rest(manifest, tmp_path, monkeypatch, capsys):
     output = tmp_path / "out"
     engine_register = batch.register
@@ -145,7 +178,7 @@ def test_ctrl_c_keeps_the_finished_pairs_and_a_rerun_does_the_rest(manifest, tmp
     assert cli.main(command) == 130
     assert "interrupted: the pairs that finished are intact" in capsys.readouterr().err
     assert [row["status"] for row in report_rows(output)] == ["registered", "interrupted", "not started"]
-    assert files_in(output) == ["masked", "report.csv", "report.json"]
+    assert files_in(output) == ["labels.csv", "masked", "report.csv", "report.json"]
 
     monkeypatch.setattr(batch, "register", engine_register)
     assert cli.main(command) == 1
@@ -180,7 +213,7 @@ def test_bad_images_fail_alone(manifest, tmp_path):
     assert rows[0]["error"] == "The floating image has 1 NaN or infinite voxels; fill or mask them before registering."
     assert rows[1]["error"] == "The reference is 2D but the floating image is 3D; both must be 2D or both 3D."
     assert not batch.succeeded(rows)
-    assert files_in(tmp_path / "out") == ["report.csv", "report.json"]
+    assert files_in(tmp_path / "out") == ["labels.csv", "report.csv", "report.json"]
 
 
 @pytest.mark.parametrize("manifest_text, message", [
@@ -233,4 +266,4 @@ def test_two_gloo_ranks_share_the_pairs_and_rank_0_writes_every_row(manifest, tm
         ("p0", "registered", "0"), ("p1", "registered", "1"), ("p2", "registered", "0"), ("p3", "registered", "1")]
     for row in rows:
         assert files_in(output / row["id"]) == ["displacement.nrrd", "metrics.json", "warped.nrrd"]
-    assert files_in(output) == ["p0", "p1", "p2", "p3", "report.csv", "report.json"]
+    assert files_in(output) == ["labels.csv", "p0", "p1", "p2", "p3", "report.csv", "report.json"]
