@@ -507,6 +507,20 @@ def test_structures_and_masks_become_segmentations_on_the_right_grids(scene, log
                                   sitk.GetArrayFromImage(engine.warped_floating_mask))
 
 
+def assert_measured_as_label_maps(logic, result, reference, floating, model, labels, names):
+    """The module's measures of ``result`` equal the engine's run of the pair with ``labels`` as
+    both structures' label maps, label ``k + 1`` named ``names[k]``; returns that run."""
+    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model,
+                          reference_mask=mask_image(labels, reference, logic),
+                          floating_mask=mask_image(labels, floating, logic), finetune=False, device="cpu")
+    for when in ("before", "after"):
+        assert result.metrics[when]["labels"] == {name: engine.metrics[when]["labels"][str(k + 1)]
+                                                  for k, name in enumerate(names)}
+        assert result.metrics[when]["dice"] == engine.metrics[when]["dice"]
+    assert logic.metricsRows(result.metrics)[0][0] == f"Dice, mean of {len(names)} structures"
+    return engine
+
+
 def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, logic, pair_3d, model_3d,
                                                                           ventricles_array):
     reference, floating = pair_3d
@@ -521,16 +535,9 @@ def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, 
                             finetune=False, device="cpu")
 
     # The same run through the engine, with label maps numbered in the reference's order.
-    labels = ventricles_array + 2 * box
-    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
-                          reference_mask=mask_image(labels, reference, logic),
-                          floating_mask=mask_image(labels, floating, logic), finetune=False, device="cpu")
-    for when in ("before", "after"):
-        assert result.metrics[when]["labels"] == {"ventricles": engine.metrics[when]["labels"]["1"],
-                                                  "box": engine.metrics[when]["labels"]["2"]}
-        assert result.metrics[when]["dice"] == engine.metrics[when]["dice"]
+    engine = assert_measured_as_label_maps(logic, result, reference, floating, model_3d, ventricles_array + 2 * box,
+                                           ["ventricles", "box"])
     rows = logic.metricsRows(result.metrics)
-    assert rows[0][0] == "Dice, mean of 2 structures"
     dice = engine.metrics["after"]["labels"]["1"]["dice"]
     assert ("Dice: ventricles", f"{engine.metrics['before']['labels']['1']['dice']:.3f}", f"{dice:.3f}") in rows
 
@@ -556,14 +563,8 @@ def test_two_label_map_nodes_are_matched_by_value_whatever_their_names(scene, lo
                                  "vtkMRMLLabelMapVolumeNode")
     result = logic.register(reference, floating, reference_labels, floating_labels, model=model_3d,
                             finetune=False, device="cpu")
-
-    engine = sar.register(logic.sitkImageFromVolume(reference), logic.sitkImageFromVolume(floating), model_3d,
-                          reference_mask=mask_image(labels, reference, logic),
-                          floating_mask=mask_image(labels, floating, logic), finetune=False, device="cpu")
-    for when in ("before", "after"):
-        assert result.metrics[when]["labels"] == {"reference labels 1": engine.metrics[when]["labels"]["1"],
-                                                  "reference labels 2": engine.metrics[when]["labels"]["2"]}
-    assert logic.metricsRows(result.metrics)[0][0] == "Dice, mean of 2 structures"
+    assert_measured_as_label_maps(logic, result, reference, floating, model_3d, labels,
+                                  ["reference labels 1", "reference labels 2"])
 
 
 def test_segmentation_made_of_surfaces_is_converted(scene, logic, pair_3d, model_3d, monkeypatch):
