@@ -3,9 +3,17 @@
 Arrays follow the conventions of :mod:`SARRegistrationLib.spatial`: numpy axis order ``z, y, x``, a
 displacement ``(ndims, *spatial)`` in voxels. Only matplotlib's object-oriented API is used (no
 pyplot), so the figure renders with Agg whatever backend the caller's process has selected.
+
+A 2D registration is one row of panels. A volume is three, one plane along each array axis, each
+through the slice where the warped mask is largest across that axis (the middle one without
+masks), so that the structure is in view. Each plane is cut from a slab of at most three slices
+(:func:`slab`), the slice with its neighbours, which is all its Jacobian needs: a caller holding
+a large volume (``registration``) cuts the slabs itself and never makes whole-volume arrays.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,14 +50,63 @@ def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
 
 
-def _middle_slice(array: np.ndarray) -> np.ndarray:
-    """The array itself in 2D, its middle slice along axis 0 in 3D."""
-    return array[array.shape[0] // 2] if array.ndim == 3 else array
+@dataclass
+class Plane:
+    """One row of the figure: 2D cuts of the images, masks and field, on one plane of voxels."""
+
+    name: str  # what the row's first panel is labelled with ("" for a 2D image)
+    reference: np.ndarray  # intensities normalised to [0, 1]
+    floating: np.ndarray
+    warped: np.ndarray
+    masks: dict  # reference_mask, floating_mask, warped_mask: 2D arrays or None
+    determinant: np.ndarray  # the field's Jacobian determinant on the plane
+    in_plane: np.ndarray  # (2, rows, columns): the displacement along the plane's rows and columns, voxels
+    aspect: float = 1.0  # a voxel's height over its width, as drawn
+    rows_up: bool = False  # rows drawn from the bottom (a volume's k axis, usually inferior to superior)
 
 
-def _show_image(ax, image: np.ndarray, title: str) -> None:
-    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
-    ax.set_title(title)
+def focus(mask, shape) -> tuple:
+    """For each array axis, the slice where ``mask`` (an array or None) covers most voxels, or the
+    middle one, moved inside by a slice where needed so that it has a neighbour on each side."""
+    centre = [n // 2 for n in shape]
+    if mask is not None and np.any(mask):
+        covered = np.asarray(mask) != 0
+        for axis in range(covered.ndim):
+            areas = np.count_nonzero(covered, axis=tuple(k for k in range(covered.ndim) if k != axis))
+            centre[axis] = int(np.argmax(areas))
+    return tuple(min(max(c, 1), n - 2) if n >= 3 else n // 2 for c, n in zip(centre, shape))
+
+
+def slab(centre: int, size: int) -> slice:
+    """The slice ``centre`` of an axis of ``size`` with its neighbours; its middle entry (index
+    ``length // 2``) is ``centre`` for the centres :func:`focus` picks."""
+    return slice(max(centre - 1, 0), min(centre + 2, size))
+
+
+def plane(reference, floating, warped, displacement, masks: dict, axis: int | None = None, spacing=None,
+          name: str = "") -> Plane:
+    """The :class:`Plane` of 2D arrays (``axis`` None), or of the middle slice along ``axis`` of
+    3D slabs (:func:`slab`) of the images, the masks (any may be None) and the voxel field
+    ``(ndims, *spatial)``; ``spacing`` (mm per array axis) sets the voxels' drawn shape."""
+    ndims = np.ndim(reference)
+    spacing = (1.0,) * ndims if spacing is None else tuple(spacing)
+    shown = (0, 1) if axis is None else tuple(k for k in range(3) if k != axis)
+    middle = None if axis is None else np.shape(reference)[axis] // 2
+
+    def middle_of(array):
+        return np.asarray(array) if axis is None else np.take(np.asarray(array), middle, axis=axis)
+
+    determinant = jacobian_determinant(displacement)
+    return Plane(name, *(normalise_intensity(middle_of(image)) for image in (reference, floating, warped)),
+                 {key: None if mask is None else middle_of(mask) for key, mask in masks.items()},
+                 middle_of(determinant), np.stack([middle_of(np.asarray(displacement)[k]) for k in shown]),
+                 aspect=spacing[shown[0]] / spacing[shown[1]], rows_up=axis is not None and axis != 0)
+
+
+def _show_image(ax, image: np.ndarray, title: str | None, cut: Plane, **style) -> None:
+    ax.imshow(image, aspect=cut.aspect, origin="lower" if cut.rows_up else "upper", **style)
+    if title:
+        ax.set_title(title)
     ax.set_axis_off()
 
 
@@ -96,22 +153,23 @@ def _draw_masks(ax, reference, moving, moving_colour: str, moving_name: str, by_
     _draw_contours(ax, outlines, [*styles, ("0.6", "solid", moving_name)])
 
 
-def _draw_jacobian(fig, ax, determinant: np.ndarray, in_plane: np.ndarray, folded_fraction: float) -> None:
+def _draw_jacobian(fig, ax, cut: Plane, title: str | None) -> None:
     """Determinant map centred at 1, folds in magenta, and a sparse quiver of the in-plane displacement."""
+    determinant = cut.determinant
     # A robust range: a few extreme voxels (folds are shown apart) would otherwise flatten the map.
     halfrange = max(float(np.percentile(np.abs(determinant - 1.0), 99)), 1e-3)
-    shown = ax.imshow(determinant, cmap="RdBu_r", norm=CenteredNorm(vcenter=1.0, halfrange=halfrange))
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, extend="both")
+    norm = CenteredNorm(vcenter=1.0, halfrange=halfrange)
+    _show_image(ax, determinant, title, cut, cmap="RdBu_r", norm=norm)
+    fig.colorbar(ax.images[0], ax=ax, fraction=0.046, pad=0.02, extend="both")
     folded = determinant <= 0
     if folded.any():
-        ax.imshow(np.ma.masked_where(~folded, folded), cmap=ListedColormap(["magenta"]), interpolation="nearest")
+        _show_image(ax, np.ma.masked_where(~folded, folded), None, cut, cmap=ListedColormap(["magenta"]),
+                    interpolation="nearest")
     step = max(1, max(determinant.shape) // _QUIVER_ARROWS_PER_AXIS)
     rows, cols = np.mgrid[0:determinant.shape[0]:step, 0:determinant.shape[1]:step]
-    # Data-unit arrows: true length in voxels; the inverted image y-axis makes +row point down.
-    ax.quiver(cols, rows, in_plane[1, ::step, ::step], in_plane[0, ::step, ::step],
+    # Data-unit arrows: true length in voxels, in the directions of the drawn rows and columns.
+    ax.quiver(cols, rows, cut.in_plane[1, ::step, ::step], cut.in_plane[0, ::step, ::step],
               angles="xy", scale_units="xy", scale=1.0, color="black", width=0.004)
-    ax.set_title(f"Jacobian determinant ({folded_fraction:.2%} folded)")
-    ax.set_axis_off()
 
 
 def _render_png(fig: Figure, path) -> None:
@@ -120,7 +178,8 @@ def _render_png(fig: Figure, path) -> None:
 
 
 def save_qa_figure(path, reference, floating, warped, displacement, reference_mask=None,
-                   floating_mask=None, warped_mask=None, title=None, folded_fraction=None, by_label=None) -> None:
+                   floating_mask=None, warped_mask=None, title=None, folded_fraction=None, by_label=None,
+                   spacing=None) -> None:
     """Write a PNG summarising a registration of ``floating`` onto ``reference``.
 
     Panels: checkerboards of reference/floating (before) and reference/warped (after); when masks
@@ -129,8 +188,8 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
     a colour of its own (the reference's dashed); the Jacobian determinant of the field on a
     diverging colormap centred at 1, folded voxels (det <= 0) in magenta, the percentage folded over
     the whole field in its title, and a sparse quiver of the in-plane displacement. Intensities are
-    normalised per image to their 1st-99th percentiles. 3D inputs show their middle slice along
-    axis 0; the determinant is computed on the full field first.
+    normalised per image to their 1st-99th percentiles. A volume shows three planes (see the
+    module's docstring).
 
     Args:
         path: PNG file to write; its directory must exist. Written atomically: on any error no file
@@ -145,6 +204,7 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
         by_label: outline each label of the masks apart, or their union as one structure. Default:
             label by label when every mask given holds two labels or more (as the metrics do;
             pass the decision when the arrays are only part of the masks).
+        spacing: voxel size per array axis (mm), for the voxels' drawn shape; square if None.
 
     Raises:
         ValueError: if the images are not 2D/3D or any array's shape does not match the reference.
@@ -163,31 +223,47 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
     for name, mask in masks.items():
         if mask is not None:
             _check_shape(name, mask, shape)
-
-    determinant = jacobian_determinant(displacement)
     if folded_fraction is None:
-        folded_fraction = float(np.mean(determinant <= 0))
-    # The in-plane components of an axial slice are those along axes 1 and 2 (y, x).
-    in_plane = displacement[1:, shape[0] // 2] if len(shape) == 3 else displacement
-    reference_2d, floating_2d, warped_2d = (normalise_intensity(_middle_slice(image))
-                                            for image in (reference, floating, warped))
-    masks_2d = {name: None if mask is None else _middle_slice(mask) for name, mask in masks.items()}
-    has_masks = any(mask is not None for mask in masks_2d.values())
+        folded_fraction = float(np.mean(jacobian_determinant(displacement) <= 0))
     if by_label is None:
-        by_label = has_masks and all(len(label_values(mask)) > 1 for mask in masks.values() if mask is not None)
+        given = [mask for mask in masks.values() if mask is not None]
+        by_label = bool(given) and all(len(label_values(mask)) > 1 for mask in given)
 
+    if reference.ndim == 2:
+        planes = [plane(reference, floating, warped, displacement, masks, spacing=spacing)]
+    else:
+        centre, planes = focus(masks["warped_mask"], shape), []
+        for axis, letter in enumerate("kji"):
+            index = tuple(slab(centre[axis], shape[axis]) if k == axis else slice(None) for k in range(3))
+            planes.append(plane(reference[index], floating[index], warped[index], displacement[(slice(None), *index)],
+                                {name: None if mask is None else mask[index] for name, mask in masks.items()},
+                                axis, spacing, f"{letter} = {centre[axis]}"))
+    save_qa_planes(path, planes, folded_fraction, by_label, title)
+
+
+def save_qa_planes(path, planes: list[Plane], folded_fraction: float, by_label: bool, title=None) -> None:
+    """Write the figure of :func:`save_qa_figure` from its planes, a row each (:func:`plane`)."""
+    has_masks = any(mask is not None for mask in planes[0].masks.values())
     n_panels = 5 if has_masks else 3
-    fig = Figure(figsize=(4.0 * n_panels, 4.4), layout="constrained")
-    axes = fig.subplots(1, n_panels)
-    _show_image(axes[0], checkerboard(reference_2d, floating_2d), "before: reference / floating")
-    _show_image(axes[1], checkerboard(reference_2d, warped_2d), "after: reference / warped")
-    if has_masks:
-        moving_masks = [(masks_2d["floating_mask"], "yellow", "floating", "before"),
-                        (masks_2d["warped_mask"], "lime", "warped", "after")]
-        for ax, (moving, colour, label, when) in zip(axes[2:4], moving_masks):
-            _show_image(ax, reference_2d, f"masks {when}")
-            _draw_masks(ax, masks_2d["reference_mask"], moving, colour, label, by_label)
-    _draw_jacobian(fig, axes[-1], _middle_slice(determinant), in_plane, folded_fraction)
+    fig = Figure(figsize=(4.0 * n_panels, 4.4 * len(planes)), layout="constrained")
+    axes = np.reshape(fig.subplots(len(planes), n_panels), (len(planes), n_panels))
+    for row, (cut, row_axes) in enumerate(zip(planes, axes)):
+        def heading(text):  # the panels' titles on the first row only
+            return text if row == 0 else None
+        _show_image(row_axes[0], checkerboard(cut.reference, cut.floating), heading("before: reference / floating"),
+                    cut, cmap="gray", vmin=0.0, vmax=1.0)
+        _show_image(row_axes[1], checkerboard(cut.reference, cut.warped), heading("after: reference / warped"),
+                    cut, cmap="gray", vmin=0.0, vmax=1.0)
+        if has_masks:
+            moving_masks = [(cut.masks["floating_mask"], "yellow", "floating", "before"),
+                            (cut.masks["warped_mask"], "lime", "warped", "after")]
+            for ax, (moving, colour, label, when) in zip(row_axes[2:4], moving_masks):
+                _show_image(ax, cut.reference, heading(f"masks {when}"), cut, cmap="gray", vmin=0.0, vmax=1.0)
+                _draw_masks(ax, cut.masks["reference_mask"], moving, colour, label, by_label)
+        _draw_jacobian(fig, row_axes[-1], cut, heading(f"Jacobian determinant ({folded_fraction:.2%} folded)"))
+        if cut.name:
+            row_axes[0].text(-0.03, 0.5, cut.name, transform=row_axes[0].transAxes, rotation=90,
+                             ha="right", va="center", fontsize="large")
     if title:
         fig.suptitle(title)
     write_atomically(path, lambda temporary: _render_png(fig, temporary))

@@ -98,35 +98,42 @@ class RegistrationResult:
                     sitk.WriteImage(image, str(staging / name), True)
             (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
             if qa_figure:
-                from .qa import save_qa_figure  # matplotlib (a second to import) only when a figure is drawn
+                from .qa import save_qa_planes  # matplotlib (a second to import) only when a figure is drawn
 
-                save_qa_figure(staging / "qa.png", **self._qa_arrays())
+                save_qa_planes(staging / "qa.png", **self._qa_planes())
         return sorted(Path(output_dir) / name for name in [*images, "metrics.json", *(["qa.png"] if qa_figure else [])])
 
-    def _qa_arrays(self) -> dict:
-        """Arrays of the QA figure on the reference grid, built only when a figure is drawn.
+    def _qa_planes(self) -> dict:
+        """The QA figure's planes (:func:`qa.plane`) and settings, built only when a figure is drawn.
 
-        A volume gives only the slice the figure shows with its neighbours (what that slice's
-        Jacobian needs): where the warped mask is largest across, so that the structure is in view,
-        or the middle one without a mask. The folded fraction of the title is the whole field's,
-        and whether the masks are drawn label by label is decided on the whole masks.
+        Of a volume only the slabs the planes are cut from are made (:func:`qa.slab`), never a
+        whole-volume array; the folded fraction of the title is the whole field's, and whether the
+        masks are drawn label by label is decided on the whole masks.
         """
+        from . import qa
+
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
-        rows = _qa_rows(reference, self.warped_floating_mask)
-        reference_slab = _slab(reference, rows)
-        arrays = {"reference": imageio.array_of(reference_slab),
-                  "floating": imageio.array_of(grids.resample_to(floating, reference_slab)),
-                  "warped": imageio.array_of(_slab(self.warped, rows)),
-                  "displacement": displacement_in_voxels(self.displacement, rows),
-                  "folded_fraction": self.metrics["folding_fraction"]}
-        if reference.GetDimension() == 3:
-            shown, depth = (rows.start + rows.stop) // 2, reference.GetSize()[2]
-            arrays["title"] = f"slice k = {shown} of 0-{depth - 1}" + \
-                (", where the warped mask is largest" if self.warped_floating_mask is not None else "")
-        for name, mask in self.qa_inputs.get("masks", {}).items():  # the user's masks, on the reference's grid
-            arrays[name] = None if mask is None else imageio.array_of(
-                _slab(mask, rows) if name == "warped_mask" else grids.resample_to(mask, reference_slab, label=True))
-        return {**arrays, "by_label": self.qa_inputs.get("by_label")}
+        masks = self.qa_inputs.get("masks", {})
+        spacing = reference.GetSpacing()[::-1]
+        size = reference.GetSize()[::-1]  # array axis order
+        ndims = len(size)
+        centre = qa.focus(None if self.warped_floating_mask is None else
+                          sitk.GetArrayViewFromImage(self.warped_floating_mask), size)
+        planes = []
+        for axis in range(ndims) if ndims == 3 else [None]:
+            # SimpleITK slices in x, y, z order; a slice keeps its voxels' physical positions.
+            at = tuple(slice(None) if k != axis else qa.slab(centre[k], size[k]) for k in range(ndims))[::-1]
+            grid = reference[at]
+            # The outputs are on the reference's grid; the inputs are resampled onto the slab.
+            cuts = {name: None if mask is None else imageio.array_of(
+                mask[at] if name == "warped_mask" else grids.resample_to(mask, grid, label=True))
+                for name, mask in masks.items()}
+            planes.append(qa.plane(
+                imageio.array_of(grid), imageio.array_of(grids.resample_to(floating, grid)),
+                imageio.array_of(self.warped[at]), displacement_in_voxels(self.displacement[at]), cuts,
+                axis, spacing, "" if axis is None else f"{'kji'[axis]} = {centre[axis]}"))
+        return {"planes": planes, "folded_fraction": self.metrics["folding_fraction"],
+                "by_label": bool(self.qa_inputs.get("by_label"))}
 
 
 def register(reference, floating, model: SARModel | None = None, *, reference_mask=None, floating_mask=None,
@@ -603,27 +610,6 @@ def _field_statistics(field_mm: sitk.Image) -> tuple[float, float]:
         folded += int(np.count_nonzero(determinant[start - low:stop - low] <= 0))
         largest = max(largest, float(np.sqrt((millimetres[start:stop] ** 2).sum(axis=-1)).max()))
     return folded / field_mm.GetNumberOfPixels(), largest
-
-
-def _qa_rows(image: sitk.Image, mask: sitk.Image | None = None) -> slice:
-    """The slices of a volume the QA figure is drawn from, along array axis 0: the one where
-    ``mask`` (on ``image``'s grid) covers most voxels, or the middle one, with a neighbour on each
-    side, so that the figure's slice is the slab's middle one; everything in 2D."""
-    if image.GetDimension() == 2:
-        return slice(None)
-    depth = image.GetSize()[2]
-    shown = depth // 2
-    if mask is not None and depth >= 3:
-        areas = np.count_nonzero(sitk.GetArrayViewFromImage(mask).reshape(depth, -1), axis=1)
-        if areas.any():
-            shown = min(max(int(np.argmax(areas)), 1), depth - 2)  # a neighbour on each side
-    return slice(max(shown - 1, 0), min(shown + 2, depth))
-
-
-def _slab(image: sitk.Image, rows: slice) -> sitk.Image:
-    """``rows`` of a volume as an image (slicing keeps the physical position of its voxels), or a
-    2D image whole."""
-    return image[:, :, rows] if image.GetDimension() == 3 else image
 
 
 def _mask_image(mask: torch.Tensor, grid: sitk.Image, slicewise: bool, dtype=np.uint8) -> sitk.Image:

@@ -70,8 +70,37 @@ def test_qa_figure_3d_with_masks(tmp_path, read_test_image):
     mask = _array(read_test_image, "brain3d_ventricles.nii.gz")
     path = tmp_path / "qa_3d_masks.png"
     qa.save_qa_figure(path, reference, reference, reference, np.zeros((3, *reference.shape)),
-                      reference_mask=mask, floating_mask=np.roll(mask, 3, axis=2))
+                      reference_mask=mask, floating_mask=np.roll(mask, 3, axis=2), spacing=(3.0, 2.0, 2.0))
     _assert_is_png(path)
+    assert matplotlib.image.imread(path).shape[0] > 1000  # three rows of panels, one a plane
+
+
+def test_planes_go_through_the_slices_where_the_mask_is_largest():
+    mask = np.zeros((9, 12, 10), bool)
+    mask[2:5, 3:9, 4:6] = True
+    mask[3, 5, 1:9] = True  # slice k = 3, row j = 5 and columns 4 and 5 are the widest
+    assert qa.focus(mask, mask.shape) == (3, 5, 4)
+    assert qa.focus(None, mask.shape) == (4, 6, 5)
+    edge = np.zeros((9, 12, 10), bool)
+    edge[0] = edge[:, 11] = True
+    assert qa.focus(edge, edge.shape)[:2] == (1, 10)  # moved inside: a neighbour on each side
+    assert qa.focus(None, (2, 1, 5)) == (1, 0, 2)
+    for centre, size in ((1, 9), (4, 9), (7, 9), (1, 2), (0, 1)):
+        rows = qa.slab(centre, size)
+        assert list(range(size))[rows][len(range(size)[rows]) // 2] == centre
+
+
+def test_a_plane_along_an_axis_is_its_middle_slice_drawn_to_scale():
+    rng = np.random.default_rng(0)
+    images = [rng.random((5, 3, 6)) for _ in range(3)]  # a slab 3 slices thick along axis 1 (j)
+    displacement = rng.random((3, 5, 3, 6))
+    cut = qa.plane(*images, displacement, {"warped_mask": images[0] > 0.5}, axis=1, spacing=(4.0, 1.0, 0.5),
+                   name="j = 4")
+    # The plane is rows k and columns i of the slab's middle slice.
+    assert cut.reference.shape == (5, 6) and cut.in_plane.shape == (2, 5, 6)
+    np.testing.assert_array_equal(cut.masks["warped_mask"], images[0][:, 1] > 0.5)
+    np.testing.assert_array_equal(cut.in_plane, displacement[[0, 2]][:, :, 1])
+    assert cut.aspect == 8.0 and cut.rows_up and cut.name == "j = 4"
 
 
 @pytest.mark.parametrize("bad", ["floating", "displacement", "warped_mask"])

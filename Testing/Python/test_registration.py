@@ -297,12 +297,12 @@ def test_label_maps_are_warped_with_their_labels_and_measured_label_by_label(rea
                                                                          warped))
     # The QA figure outlines label by label, an atlas's floating map alone included; binary masks as one.
     atlas = register(reference, floating, floating_mask=floating_labels)
-    assert result._qa_arrays()["by_label"] and atlas._qa_arrays()["by_label"]
-    assert not binary._qa_arrays()["by_label"]
-    arrays = atlas._qa_arrays()
-    assert arrays["reference_mask"] is None
-    np.testing.assert_array_equal(arrays["floating_mask"], sitk.GetArrayFromImage(floating_labels))
-    np.testing.assert_array_equal(arrays["warped_mask"], warped)
+    assert result._qa_planes()["by_label"] and atlas._qa_planes()["by_label"]
+    assert not binary._qa_planes()["by_label"]
+    (cut,) = atlas._qa_planes()["planes"]
+    assert cut.masks["reference_mask"] is None
+    np.testing.assert_array_equal(cut.masks["floating_mask"], sitk.GetArrayFromImage(floating_labels))
+    np.testing.assert_array_equal(cut.masks["warped_mask"], warped)
 
 
 def test_a_floating_mask_alone_is_warped(pair_2d, masks_2d):
@@ -499,40 +499,49 @@ def test_cancel_while_the_outputs_are_made(volume, monkeypatch):
     assert messages[-1] == "warping the floating image"  # stopped after the first slab of the warp
 
 
-def test_3d_qa_figure_is_drawn_where_the_warped_mask_is_largest(tmp_path, volume):
-    """The QA arrays of a volume are the slices around the one where the warped mask is largest
-    across (the middle one without a mask); their Jacobian there is the whole field's."""
+def test_3d_qa_figure_shows_three_planes_where_the_warped_mask_is_largest(tmp_path, volume):
+    """A volume's QA figure cuts a plane along each array axis through the slice where the warped
+    mask is largest across (the middle one without a mask), from slabs of the outputs; each
+    plane's images, masks, in-plane field and Jacobian are the whole volume's there."""
     from SARRegistrationLib.fields import transform_to_displacement
+    from SARRegistrationLib.imageio import normalise_intensity
 
     floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
     array = np.zeros(sitk.GetArrayViewFromImage(volume).shape, np.uint8)  # 15 slices of 32 x 32
-    array[2:5, 8:24, 8:24] = 1
-    array[3, 4:28, 4:28] = 1  # widest across in slice 3
+    array[2:5, 8:24, 10:20] = 1
+    array[3, 4:28, 6:26] = 1  # widest across in slice 3
     mask = imageio.image_like(array, volume)
     model = perturb_head(tiny_model(3), bias=[0.5, 1.0, -1.5], weight_std=0.05)
     result = register(volume, floating, model, reference_mask=mask, floating_mask=mask, mode="volume",
                       device="cpu", max_iterations=2)
-    warped_areas = np.count_nonzero(sitk.GetArrayFromImage(result.warped_floating_mask), axis=(1, 2))
-    shown = int(np.argmax(warped_areas))
-    assert 2 <= shown <= 4
-    arrays = result._qa_arrays()
-    assert arrays["reference"].shape == (3, 32, 32) and arrays["warped_mask"].shape == (3, 32, 32)
-    np.testing.assert_array_equal(arrays["reference"], sitk.GetArrayFromImage(volume)[shown - 1:shown + 2])
-    np.testing.assert_array_equal(arrays["warped_mask"][1], sitk.GetArrayFromImage(result.warped_floating_mask)[shown])
-    assert arrays["title"].startswith(f"slice k = {shown} of 0-14")
-    whole = metrics.jacobian_determinant(transform_to_displacement(result.transform(), volume))
-    np.testing.assert_allclose(metrics.jacobian_determinant(arrays["displacement"])[1], whole[shown], atol=1e-9)
-    assert arrays["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
+    warped_mask = sitk.GetArrayFromImage(result.warped_floating_mask)
+    centre = [int(np.argmax(np.count_nonzero(warped_mask, axis=tuple(k for k in range(3) if k != axis))))
+              for axis in range(3)]
+    assert 2 <= centre[0] <= 4
+    figure = result._qa_planes()
+    assert [cut.name for cut in figure["planes"]] == [f"{letter} = {c}" for letter, c in zip("kji", centre)]
+    volume_array = sitk.GetArrayFromImage(volume)
+    displacement = transform_to_displacement(result.transform(), volume)
+    whole = metrics.jacobian_determinant(displacement)
+    for axis, cut in enumerate(figure["planes"]):
+        at = tuple(centre[axis] if k == axis else slice(None) for k in range(3))
+        np.testing.assert_array_equal(cut.reference, normalise_intensity(volume_array[at]))
+        np.testing.assert_array_equal(cut.masks["warped_mask"], warped_mask[at])
+        np.testing.assert_allclose(cut.determinant, whole[at], atol=1e-9)
+        np.testing.assert_allclose(cut.in_plane, displacement[[k for k in range(3) if k != axis]][(slice(None), *at)],
+                                   atol=1e-9)
+        assert cut.rows_up == (axis != 0)
+    assert figure["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Without a mask, the middle slice; a mask widest on the first slice gives the second, which has
-    # a neighbour on each side.
-    plain = register(volume, floating, model, mode="volume", device="cpu", max_iterations=2)._qa_arrays()
-    np.testing.assert_array_equal(plain["reference"], sitk.GetArrayFromImage(volume)[6:9])
+    # Without a mask, the middle slices; a mask widest on the first slice gives the second, which
+    # has a neighbour on each side.
+    plain = register(volume, floating, model, mode="volume", device="cpu", max_iterations=2)._qa_planes()
+    assert [cut.name for cut in plain["planes"]] == ["k = 7", "j = 16", "i = 16"]
     array[0] = 1
-    edge = register(volume, floating, floating_mask=imageio.image_like(array, volume), network=False)._qa_arrays()
-    np.testing.assert_array_equal(edge["reference"], sitk.GetArrayFromImage(volume)[0:3])
+    edge = register(volume, floating, floating_mask=imageio.image_like(array, volume), network=False)._qa_planes()
+    assert edge["planes"][0].name == "k = 1"
 
 
 def test_an_image_much_finer_than_the_working_grid_is_averaged_not_decimated():
