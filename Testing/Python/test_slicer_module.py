@@ -178,6 +178,14 @@ def ventricles_array(read_test_image):
     return array
 
 
+@pytest.fixture(scope="module")
+def box_array(ventricles_array):
+    """A second structure for the ventricles' grid: a box, the voxels it shares with them left out."""
+    box = np.zeros_like(ventricles_array)
+    box[4:8, 10:20, 12:22] = 1
+    return box * (1 - ventricles_array)
+
+
 def ijk_to_ras(origin, spacing, direction) -> np.ndarray:
     matrix = np.eye(4)
     matrix[:3, :3] = np.array(direction, dtype=float).reshape(3, 3) @ np.diag(spacing)
@@ -471,13 +479,11 @@ def segment_arrays(segmentation_node) -> dict:
 
 
 def test_structures_and_masks_become_segmentations_on_the_right_grids(scene, logic, pair_3d, model_3d,
-                                                                      ventricles_array):
-    reference, floating = pair_3d
-    box = np.zeros_like(ventricles_array)
-    box[4:8, 10:20, 12:22] = 1
+                                                                      ventricles_array, box_array):
+    reference, floating, box = *pair_3d, box_array
     reference_structure = add_segmentation(scene, {"ventricles": ventricles_array, "box": box},
                                            ijk_to_ras(**REFERENCE_RAS), "reference structures")
-    floating_labels = add_volume(scene, (ventricles_array + 2 * box * (1 - ventricles_array)).astype(np.int16),
+    floating_labels = add_volume(scene, (ventricles_array + 2 * box).astype(np.int16),
                                  ijk_to_ras(**FLOATING_RAS), "floating labels", "vtkMRMLLabelMapVolumeNode")
     result = logic.register(reference, floating, reference_structure, floating_labels, model=model_3d,
                             finetune=False, device="cpu")
@@ -522,11 +528,8 @@ def assert_measured_as_label_maps(logic, result, reference, floating, model, lab
 
 
 def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, logic, pair_3d, model_3d,
-                                                                          ventricles_array):
-    reference, floating = pair_3d
-    box = np.zeros_like(ventricles_array)
-    box[4:8, 10:20, 12:22] = 1
-    box *= 1 - ventricles_array  # segments that do not overlap: one label map holds them
+                                                                          ventricles_array, box_array):
+    reference, floating, box = *pair_3d, box_array  # segments that do not overlap: one label map holds them
     segments = {"ventricles": ventricles_array, "box": box}
     reference_structure = add_segmentation(scene, segments, ijk_to_ras(**REFERENCE_RAS), "reference structures")
     floating_structure = add_segmentation(scene, dict(reversed(segments.items())), ijk_to_ras(**FLOATING_RAS),
@@ -550,13 +553,11 @@ def test_segments_named_alike_in_both_structures_are_measured_one_by_one(scene, 
 
 
 def test_two_label_map_nodes_are_matched_by_value_whatever_their_names(scene, logic, pair_3d, model_3d,
-                                                                         ventricles_array):
+                                                                         ventricles_array, box_array):
     # Label map nodes name their labels from their colour tables, or after themselves without one:
     # here "reference labels 1" and "floating labels 1", which share no name.
-    reference, floating = pair_3d
-    box = np.zeros_like(ventricles_array)
-    box[4:8, 10:20, 12:22] = 1
-    labels = (ventricles_array + 2 * box * (1 - ventricles_array)).astype(np.int16)
+    reference, floating, box = *pair_3d, box_array
+    labels = (ventricles_array + 2 * box).astype(np.int16)
     reference_labels = add_volume(scene, labels, ijk_to_ras(**REFERENCE_RAS), "reference labels",
                                   "vtkMRMLLabelMapVolumeNode")
     floating_labels = add_volume(scene, labels, ijk_to_ras(**FLOATING_RAS), "floating labels",
