@@ -4,9 +4,9 @@ Arrays follow the conventions of :mod:`SARRegistrationLib.spatial`: numpy axis o
 displacement ``(ndims, *spatial)`` in voxels. Only matplotlib's object-oriented API is used (no
 pyplot), so the figure renders with Agg whatever backend the caller's process has selected.
 
-A 2D registration is one row of panels. A volume is three, one plane along each array axis, each
-through the slice where the warped mask is largest across that axis (the middle one without
-masks), so that the structure is in view. Each plane is cut from a slab of at most three slices
+A 2D registration is one row of panels. A volume is three, one plane along each array axis (one
+for a single slice), each through the slice where the warped mask is largest across that axis
+(the middle one without masks), so that the structure is in view. Each plane is cut from a slab of at most three slices
 (:func:`slab`), the slice with its neighbours, which is all its Jacobian needs: a caller holding
 a large volume (``registration``) cuts the slabs itself and never makes whole-volume arrays.
 """
@@ -36,12 +36,15 @@ def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
     """Interleave two same-shaped 2D or 3D images in a checkerboard of ``tiles`` tiles per axis.
 
     The tile at the origin, and every other tile from it, shows ``a``; the rest show ``b``. When an
-    axis does not divide evenly, the remainder forms a last, thinner tile. Returns a float64 array.
+    axis does not divide evenly, the remainder forms a last, thinner tile; an axis shorter than
+    ``tiles`` gets a tile per voxel (ITK divides by zero, and the process dies, on tiles of no
+    voxel). Returns a float64 array.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim not in (2, 3):
         raise ValueError(f"checkerboard needs two 2D or 3D images of the same shape, got {a.shape} and {b.shape}")
-    board = sitk.CheckerBoard(sitk.GetImageFromArray(a), sitk.GetImageFromArray(b), [tiles] * a.ndim)
+    board = sitk.CheckerBoard(sitk.GetImageFromArray(a), sitk.GetImageFromArray(b),
+                              [min(tiles, size) for size in a.shape[::-1]])
     return sitk.GetArrayFromImage(board)
 
 
@@ -75,6 +78,12 @@ def focus(mask, shape) -> tuple:
             areas = np.count_nonzero(covered, axis=tuple(k for k in range(covered.ndim) if k != axis))
             centre[axis] = int(np.argmax(areas))
     return tuple(min(max(c, 1), n - 2) if n >= 3 else n // 2 for c, n in zip(centre, shape))
+
+
+def plane_axes(shape) -> list:
+    """The array axes a volume of ``shape`` is cut along, one plane each: those whose plane is two
+    voxels or more across both ways (a single slice has one plane, its own)."""
+    return [axis for axis in range(len(shape)) if all(n >= 2 for k, n in enumerate(shape) if k != axis)]
 
 
 def slab(centre: int, size: int) -> slice:
@@ -233,11 +242,11 @@ def save_qa_figure(path, reference, floating, warped, displacement, reference_ma
         planes = [plane(reference, floating, warped, displacement, masks, spacing=spacing)]
     else:
         centre, planes = focus(masks["warped_mask"], shape), []
-        for axis, letter in enumerate("kji"):
+        for axis in plane_axes(shape):
             index = tuple(slab(centre[axis], shape[axis]) if k == axis else slice(None) for k in range(3))
             planes.append(plane(reference[index], floating[index], warped[index], displacement[(slice(None), *index)],
                                 {name: None if mask is None else mask[index] for name, mask in masks.items()},
-                                axis, spacing, f"{letter} = {centre[axis]}"))
+                                axis, spacing, f"{'kji'[axis]} = {centre[axis]}"))
     save_qa_planes(path, planes, folded_fraction, by_label, title)
 
 

@@ -120,7 +120,7 @@ class RegistrationResult:
         centre = qa.focus(None if self.warped_floating_mask is None else
                           sitk.GetArrayViewFromImage(self.warped_floating_mask), size)
         planes = []
-        for axis in range(ndims) if ndims == 3 else [None]:
+        for axis in qa.plane_axes(size) if ndims == 3 else [None]:
             # SimpleITK slices in x, y, z order; a slice keeps its voxels' physical positions.
             at = tuple(slice(None) if k != axis else qa.slab(centre[k], size[k]) for k in range(ndims))[::-1]
             grid = reference[at]

@@ -36,6 +36,13 @@ def test_checkerboard_alternates_tiles_3d():
     np.testing.assert_array_equal(board, np.where(parity.sum(0) % 2 == 0, 5.0, -2.0))
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (1, 10), (7, 10), (2, 3, 9)])
+def test_checkerboard_of_an_image_smaller_than_its_tiles_has_a_tile_per_voxel(shape):
+    # ITK's filter divided by zero there, which killed the process.
+    board = qa.checkerboard(np.zeros(shape), np.ones(shape), tiles=8)
+    assert board.shape == shape and board.flat[0] == 0 and 0 < board.mean() < 1
+
+
 def test_checkerboard_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         qa.checkerboard(np.zeros((8, 8)), np.zeros((8, 9)))
@@ -85,6 +92,7 @@ def test_planes_go_through_the_slices_where_the_mask_is_largest():
     edge[0] = edge[:, 11] = True
     assert qa.focus(edge, edge.shape)[:2] == (1, 10)  # moved inside: a neighbour on each side
     assert qa.focus(None, (2, 1, 5)) == (1, 0, 2)
+    assert qa.plane_axes((9, 12, 10)) == [0, 1, 2] and qa.plane_axes((1, 12, 10)) == [0]
     for centre, size in ((1, 9), (4, 9), (7, 9), (1, 2), (0, 1)):
         rows = qa.slab(centre, size)
         assert list(range(size))[rows][len(range(size)[rows]) // 2] == centre

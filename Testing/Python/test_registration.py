@@ -544,6 +544,22 @@ def test_3d_qa_figure_shows_three_planes_where_the_warped_mask_is_largest(tmp_pa
     assert edge["planes"][0].name == "k = 1"
 
 
+@pytest.mark.parametrize("slices", [1, 5])
+def test_qa_figure_of_a_thin_volume(tmp_path, slices, read_test_image):
+    """A volume of one slice is drawn in its own plane only; one of 5 slices in three, whose k
+    planes are narrower than the checkerboard's 8 tiles (which once killed the process)."""
+    image = sitk.Shrink(read_test_image("brain_t1.nrrd"), [3, 3])
+    mask = sitk.Shrink(read_test_image("brain_ventricles.nrrd"), [3, 3])
+    volume, labels = (sitk.JoinSeries([source] * slices) for source in (image, mask))
+    volume = sitk.Cast(volume, sitk.sitkFloat32)
+    result = register(volume, volume, reference_mask=labels, floating_mask=labels,
+                      optimisation_iterations=2, optimisation_levels=1)
+    planes = result._qa_planes()["planes"]
+    assert [cut.name[0] for cut in planes] == (["k"] if slices == 1 else ["k", "j", "i"])
+    result.save(tmp_path / "out")
+    assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_an_image_much_finer_than_the_working_grid_is_averaged_not_decimated():
     """Noise on a 1024 x 1024 image, on instance optimisation's 256 x 256 grid: every voxel is read
     (block means of 4 x 4 voxels, a quarter of the noise's spread), not the 4 around each grid point
