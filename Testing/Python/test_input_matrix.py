@@ -324,10 +324,12 @@ def test_anisotropic_and_oblique_volumes_get_the_physical_field(good, spacing, d
                                                 ((8, 8), "volume", 2), ((1, 16, 16), "slicewise", 2),
                                                 ((4, 4, 4), "volume", 3)],
                          ids=["8^3_volume", "8^3_slicewise", "8x8", "single_slice_slicewise", "4^3_volume"])
-def test_tiny_images_register(shape, mode, ndims):
+def test_tiny_images_register(shape, mode, ndims, tmp_path):
     array = np.random.default_rng(0).random(shape).astype(np.float32)
     reference, floating = sitk.GetImageFromArray(array), sitk.GetImageFromArray(np.roll(array, 1, axis=-1))
     result = register(reference, floating, tiny_model(ndims), mode=mode, device="cpu", max_iterations=3)
     assert result.displacement.GetSize() == reference.GetSize()
     assert np.isfinite(sitk.GetArrayFromImage(result.displacement)).all()
     assert 0.0 <= result.metrics["folding_fraction"] <= 1.0
+    # Saved as the command line saves, QA figure included (narrower than its checkerboard's tiles).
+    assert (tmp_path / "qa.png") in result.save(tmp_path)
