@@ -314,6 +314,10 @@ def test_evaluate_prints_before_and_after(tmp_path, inputs, capsys):
     assert table[0].startswith("| |") and "Dice" in table[0] and "field error (mm)" in table[0]
     assert table[2].startswith("| before |") and table[3].startswith("| after |")
     assert len(table) == 4
+    header, after = (line.strip("|").split("|") for line in (table[0], table[3]))
+    columns = dict(zip((cell.strip() for cell in header), (cell.strip() for cell in after)))
+    assert columns["finetuning iterations"].startswith("2.000")  # the network finetuned, at most 2
+    assert columns["optimisation iterations"].startswith("120.000")  # then instance optimisation's 3 x 40
     rows = json.loads(rows_path.read_text())
     assert len(rows) == 1
     assert rows[0]["field_error_mm"]["before"] > 0
