@@ -157,8 +157,8 @@ def _add_registration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimisation-equalise", action=argparse.BooleanOptionalAction,
                         help="instance optimisation: let NMI compare the images with equalised histograms, which "
                              "spreads CT's soft tissues over its bins (default: when both images are CT, their "
-                             "lowest value air or padding, -3100 to -500 HU, or fat, -500 to -50 HU in an integer "
-                             "image)")
+                             "lowest value air or padding, -3100 to -500 HU, or fat, -500 to -50 HU in whole HU: an "
+                             "integer image, or floats that are whole numbers)")
     parser.add_argument("--network", action=argparse.BooleanOptionalAction,
                         help="start from the network's (finetuned) field and write SAR's masks (default: only "
                              "when --weights is given: instance optimisation from the identity was as accurate "
