@@ -26,6 +26,7 @@ from .imageio import normalise_intensity
 from .metrics import jacobian_determinant, label_values
 
 _QUIVER_ARROWS_PER_AXIS = 16
+_GRAY = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}  # images normalised to [0, 1]
 _LEGEND_ENTRIES = 10
 # Colours of a label map's labels, by value: matplotlib's ten categorical colours ("tab10").
 _LABEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
@@ -256,20 +257,18 @@ def save_qa_planes(path, planes: list[Plane], folded_fraction: float, by_label: 
     n_panels = 5 if has_masks else 3
     fig = Figure(figsize=(4.0 * n_panels, 4.4 * len(planes)), layout="constrained")
     axes = np.reshape(fig.subplots(len(planes), n_panels), (len(planes), n_panels))
+    titles = ["before: reference / floating", "after: reference / warped", "masks before", "masks after",
+              f"Jacobian determinant ({folded_fraction:.2%} folded)"]
     for row, (cut, row_axes) in enumerate(zip(planes, axes)):
-        def heading(text):  # the panels' titles on the first row only
-            return text if row == 0 else None
-        _show_image(row_axes[0], checkerboard(cut.reference, cut.floating), heading("before: reference / floating"),
-                    cut, cmap="gray", vmin=0.0, vmax=1.0)
-        _show_image(row_axes[1], checkerboard(cut.reference, cut.warped), heading("after: reference / warped"),
-                    cut, cmap="gray", vmin=0.0, vmax=1.0)
+        before, after, *masks_and_jacobian = titles if row == 0 else [None] * len(titles)  # on the first row only
+        _show_image(row_axes[0], checkerboard(cut.reference, cut.floating), before, cut, **_GRAY)
+        _show_image(row_axes[1], checkerboard(cut.reference, cut.warped), after, cut, **_GRAY)
         if has_masks:
-            moving_masks = [(cut.masks["floating_mask"], "yellow", "floating", "before"),
-                            (cut.masks["warped_mask"], "lime", "warped", "after")]
-            for ax, (moving, colour, label, when) in zip(row_axes[2:4], moving_masks):
-                _show_image(ax, cut.reference, heading(f"masks {when}"), cut, cmap="gray", vmin=0.0, vmax=1.0)
+            moving_masks = [(cut.masks["floating_mask"], "yellow", "floating"), (cut.masks["warped_mask"], "lime", "warped")]
+            for ax, (moving, colour, label), heading in zip(row_axes[2:4], moving_masks, masks_and_jacobian):
+                _show_image(ax, cut.reference, heading, cut, **_GRAY)
                 _draw_masks(ax, cut.masks["reference_mask"], moving, colour, label, by_label)
-        _draw_jacobian(fig, row_axes[-1], cut, heading(f"Jacobian determinant ({folded_fraction:.2%} folded)"))
+        _draw_jacobian(fig, row_axes[-1], cut, masks_and_jacobian[-1])
         if cut.name:
             row_axes[0].text(-0.03, 0.5, cut.name, transform=row_axes[0].transAxes, rotation=90,
                              ha="right", va="center", fontsize="large")

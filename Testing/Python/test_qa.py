@@ -188,3 +188,14 @@ def test_masks_are_drawn_label_by_label_when_every_map_holds_two_labels(tmp_path
     qa.save_qa_figure(tmp_path / "qa.png", image, image, image, np.zeros((2, 40, 40)), reference_mask=maps[0],
                       floating_mask=maps[1], warped_mask=maps[1])
     assert drawn == [expected, expected]  # the before and after panels
+
+
+@pytest.mark.parametrize("title", [None, "pair 1"])
+def test_the_figure_title_is_the_one_given(tmp_path, monkeypatch, title):
+    shown = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **kwargs: shown.append(text))
+    image = np.random.default_rng(0).random((24, 24))
+    mask = image > 0.5
+    qa.save_qa_figure(tmp_path / "qa.png", image, image, image, np.zeros((2, 24, 24)), reference_mask=mask,
+                      floating_mask=mask, warped_mask=mask, title=title)
+    assert shown == ([] if title is None else [title])
