@@ -1710,7 +1710,10 @@ class SARRegistrationLogic(ScriptedLoadableModuleLogic):
         labelMaps = [grid.sitkImage(np.sum([(k + 1) * masks[key] for k, key in enumerate(shared)], axis=0,
                                            dtype=np.uint16)) for masks, grid in zip(byKey, structureGrids)]
         names = dict(zip(keys[0], (structure.name for structure in structures[0])))
-        return labelMaps[0], labelMaps[1], [names[key] for key in shared]
+        names = [names[key] for key in shared]
+        if len(set(names)) < len(names):  # a colour table that names two labels alike: the values tell them apart
+            names = [f"{name} ({key})" for name, key in zip(names, shared)]
+        return labelMaps[0], labelMaps[1], names
 
     @staticmethod
     def _union(structures: list, grid: _VolumeGrid):

@@ -567,6 +567,17 @@ def test_two_label_map_nodes_are_matched_by_value_whatever_their_names(scene, lo
     assert_measured_as_label_maps(logic, result, reference, floating, model_3d, labels,
                                   ["reference labels 1", "reference labels 2"])
 
+    # A colour table that names both labels alike: the names take the values, so both are reported.
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "tissue colours")
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(3)
+    for value, name in enumerate(["background", "tissue", "tissue"]):
+        colors.SetColor(value, name, 0.2 * value, 0.5, 0.5, 1.0)
+    reference_labels.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+    result = logic.register(reference, floating, reference_labels, floating_labels, model=model_3d,
+                            finetune=False, device="cpu")
+    assert_measured_as_label_maps(logic, result, reference, floating, model_3d, labels, ["tissue (1)", "tissue (2)"])
+
 
 def test_segmentation_made_of_surfaces_is_converted(scene, logic, pair_3d, model_3d, monkeypatch):
     """A segment given as a closed surface (from a model or an STL file) reaches the engine as a mask."""
