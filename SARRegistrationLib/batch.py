@@ -2,7 +2,8 @@
 
 The manifest has a header line; its columns are ``reference`` and ``floating`` and, optionally,
 ``reference_mask``, ``floating_mask``, ``ignore_mask`` and ``id`` (by default the floating file's
-name without its suffix). Relative paths are relative to the manifest's folder. Pair ``id`` is
+name without its suffix); its columns are separated by commas, semicolons or tabs, as the header
+line shows. Relative paths are relative to the manifest's folder. Pair ``id`` is
 registered by :func:`registration.register` and saved by :meth:`RegistrationResult.save` into
 ``OUTPUT/id/``: the files ``register`` writes, all of them or none. ``OUTPUT/report.csv`` and
 ``OUTPUT/report.json`` get one row per pair; ``OUTPUT/labels.csv`` one per label of each pair whose
@@ -97,7 +98,11 @@ def read_pairs(csv_path) -> list[Pair]:
         raise ManifestError(f"The pairs file {str(csv_path)!r} does not exist.")
     folder = csv_path.absolute().parent
     with open(csv_path, newline="", encoding="utf-8-sig") as stream:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.reader(stream)
+        first = stream.readline()
+        stream.seek(0)
+        # Spreadsheets set to a decimal comma save "CSV" with semicolons; others save tabs. The header
+        # holds only column names, so the separator it uses is the file's.
+        reader = csv.reader(stream, delimiter=next((mark for mark in ",;\t" if mark in first), ","))
         header = [name.strip() for name in next(reader, [])]
         _check_header(header, csv_path.name)
         pairs, places = [], []

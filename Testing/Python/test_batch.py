@@ -248,6 +248,15 @@ def test_default_ids_and_relative_paths(tmp_path):
     assert pairs[0].reference_mask is None
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_semicolons_or_tabs_separate_columns_as_spreadsheets_write_them(tmp_path, separator):
+    # A spreadsheet set to a decimal comma saves "CSV" with semicolons; a path may hold a comma.
+    rows = ["\ufeffid", "reference", "floating"], ["a", "r.nrrd", "scans/s1, repeat.nii.gz"]
+    (tmp_path / "pairs.csv").write_text("".join(separator.join(cells) + "\r\n" for cells in rows))
+    (pair,) = batch.read_pairs(tmp_path / "pairs.csv")
+    assert pair.id == "a" and pair.floating == tmp_path / "scans" / "s1, repeat.nii.gz"
+
+
 def test_two_gloo_ranks_share_the_pairs_and_rank_0_writes_every_row(manifest, tmp_path):
     folder = manifest.parent
     pairs = tmp_path / "four.csv"
