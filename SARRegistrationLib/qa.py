@@ -6,9 +6,11 @@ pyplot), so the figure renders with Agg whatever backend the caller's process ha
 
 A 2D registration is one row of panels. A volume is three, one plane along each array axis (one
 for a single slice), each through the slice where the warped mask is largest across that axis
-(the middle one without masks), so that the structure is in view. Each plane is cut from a slab of at most three slices
-(:func:`slab`), the slice with its neighbours, which is all its Jacobian needs: a caller holding
-a large volume (``registration``) cuts the slabs itself and never makes whole-volume arrays.
+(the middle one without masks), so that the structure is in view. Arrays in LPS order (``S, P,
+L``, as ``registration`` turns them) give the axial, coronal and sagittal planes, superior and
+anterior at the top. Each plane is cut from a slab of at most three slices (:func:`slab`), the
+slice with its neighbours, which is all its Jacobian needs: a caller holding a large volume
+(``registration``) cuts the slabs itself and never makes whole-volume arrays.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Plane:
     determinant: np.ndarray  # the field's Jacobian determinant on the plane
     in_plane: np.ndarray  # (2, rows, columns): the displacement along the plane's rows and columns, voxels
     aspect: float = 1.0  # a voxel's height over its width, as drawn
-    rows_up: bool = False  # rows drawn from the bottom (a volume's k axis, usually inferior to superior)
+    rows_up: bool = False  # rows drawn from the bottom: array axis 0 of a volume's planes along axes 1 and 2 (S in LPS)
 
 
 def focus(mask, shape) -> tuple:

@@ -106,32 +106,44 @@ class RegistrationResult:
     def _qa_planes(self) -> dict:
         """The QA figure's planes (:func:`qa.plane`) and settings, built only when a figure is drawn.
 
-        Of a volume only the slabs the planes are cut from are made (:func:`qa.slab`), never a
-        whole-volume array; the folded fraction of the title is the whole field's, and whether the
-        masks are drawn label by label is decided on the whole masks.
+        A volume's planes are axial, coronal and sagittal: each is cut, as a three-slice slab
+        (:func:`qa.slab`), along the array axis nearest the plane's normal, and the slab is then
+        turned to LPS (``sitk.DICOMOrient``: axes permuted and flipped, no resampling), so that
+        every figure shows anterior and superior at the top and the patient's right on the left,
+        whatever order the file stores its axes in. No whole-volume array is made. The folded
+        fraction of the title is the whole field's, and whether the masks are drawn label by label
+        is decided on the whole masks.
         """
         from . import qa
 
         reference, floating = self.qa_inputs["reference"], self.qa_inputs["floating"]
         masks = self.qa_inputs.get("masks", {})
-        spacing = reference.GetSpacing()[::-1]
         size = reference.GetSize()[::-1]  # array axis order
-        ndims = len(size)
         centre = qa.focus(None if self.warped_floating_mask is None else
                           sitk.GetArrayViewFromImage(self.warped_floating_mask), size)
+        if reference.GetDimension() == 2:
+            cuts = [(None, "", lambda image: image)]
+        else:
+            # For each plane, the array axis whose direction is nearest its normal (LPS z, y, x).
+            direction = np.abs(np.reshape(reference.GetDirection(), (3, 3)))  # rows: L, P, S; columns: index i, j, k
+            cuts = []
+            for normal, name in ((2, "axial"), (1, "coronal"), (0, "sagittal")):
+                axis = 2 - int(np.argmax(direction[normal]))
+                if axis in qa.plane_axes(size):
+                    rows = tuple(qa.slab(centre[k], size[k]) if k == axis else slice(None) for k in range(3))[::-1]
+                    cuts.append((2 - normal, f"{name} ({'kji'[axis]} = {centre[axis]})",
+                                 lambda image, rows=rows: sitk.DICOMOrient(image[rows], "LPS")))
         planes = []
-        for axis in qa.plane_axes(size) if ndims == 3 else [None]:
-            # SimpleITK slices in x, y, z order; a slice keeps its voxels' physical positions.
-            at = tuple(slice(None) if k != axis else qa.slab(centre[k], size[k]) for k in range(ndims))[::-1]
-            grid = reference[at]
-            # The outputs are on the reference's grid; the inputs are resampled onto the slab.
-            cuts = {name: None if mask is None else imageio.array_of(
-                mask[at] if name == "warped_mask" else grids.resample_to(mask, grid, label=True))
-                for name, mask in masks.items()}
+        for axis, name, cut in cuts:
+            grid = cut(reference)
+            # The outputs are on the reference's grid; the inputs are resampled onto the slab's.
+            arrays = {key: None if mask is None else imageio.array_of(
+                cut(mask) if key == "warped_mask" else grids.resample_to(mask, grid, label=True))
+                for key, mask in masks.items()}
             planes.append(qa.plane(
                 imageio.array_of(grid), imageio.array_of(grids.resample_to(floating, grid)),
-                imageio.array_of(self.warped[at]), displacement_in_voxels(self.displacement[at]), cuts,
-                axis, spacing, "" if axis is None else f"{'kji'[axis]} = {centre[axis]}"))
+                imageio.array_of(cut(self.warped)), displacement_in_voxels(cut(self.displacement)), arrays,
+                axis, grid.GetSpacing()[::-1], name))
         return {"planes": planes, "folded_fraction": self.metrics["folding_fraction"],
                 "by_label": bool(self.qa_inputs.get("by_label"))}
 

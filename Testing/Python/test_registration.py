@@ -500,10 +500,11 @@ def test_cancel_while_the_outputs_are_made(volume, monkeypatch):
 
 
 def test_3d_qa_figure_shows_three_planes_where_the_warped_mask_is_largest(tmp_path, volume):
-    """A volume's QA figure cuts a plane along each array axis through the slice where the warped
-    mask is largest across (the middle one without a mask), from slabs of the outputs; each
-    plane's images, masks, in-plane field and Jacobian are the whole volume's there."""
-    from SARRegistrationLib.fields import transform_to_displacement
+    """A volume's QA figure shows the axial, coronal and sagittal planes through the slices where
+    the warped mask is largest across (the middle ones without a mask), cut from slabs of the
+    outputs and turned to LPS: this volume stores coronal slices (k runs anterior), yet its planes
+    equal the whole volume's turned to LPS, images, masks, in-plane field and Jacobian alike."""
+    from SARRegistrationLib.fields import displacement_in_voxels
     from SARRegistrationLib.imageio import normalise_intensity
 
     floating = sitk.Resample(volume, sitk.TranslationTransform(3, (3.0, -2.0, 4.0)), sitk.sitkLinear)
@@ -519,18 +520,23 @@ def test_3d_qa_figure_shows_three_planes_where_the_warped_mask_is_largest(tmp_pa
               for axis in range(3)]
     assert 2 <= centre[0] <= 4
     figure = result._qa_planes()
-    assert [cut.name for cut in figure["planes"]] == [f"{letter} = {c}" for letter, c in zip("kji", centre)]
-    volume_array = sitk.GetArrayFromImage(volume)
-    displacement = transform_to_displacement(result.transform(), volume)
+    assert [cut.name for cut in figure["planes"]] == [f"axial (j = {centre[1]})", f"coronal (k = {centre[0]})",
+                                                      f"sagittal (i = {centre[2]})"]
+    turned = {name: sitk.DICOMOrient(image, "LPS") for name, image in (
+        ("reference", volume), ("mask", result.warped_floating_mask), ("field", result.displacement))}
+    reference, turned_mask = (sitk.GetArrayFromImage(turned[name]) for name in ("reference", "mask"))
+    displacement = displacement_in_voxels(turned["field"])
     whole = metrics.jacobian_determinant(displacement)
-    for axis, cut in enumerate(figure["planes"]):
-        at = tuple(centre[axis] if k == axis else slice(None) for k in range(3))
-        np.testing.assert_array_equal(cut.reference, normalise_intensity(volume_array[at]))
-        np.testing.assert_array_equal(cut.masks["warped_mask"], warped_mask[at])
+    focus = turned["reference"].TransformPhysicalPointToIndex(
+        volume.TransformIndexToPhysicalPoint(tuple(centre[::-1])))[::-1]  # array order: S, P, L
+    for axis, cut in enumerate(figure["planes"]):  # axial: along S (array axis 0), coronal: P, sagittal: L
+        at = tuple(focus[axis] if k == axis else slice(None) for k in range(3))
+        np.testing.assert_array_equal(cut.reference, normalise_intensity(reference[at]))
+        np.testing.assert_array_equal(cut.masks["warped_mask"], turned_mask[at])
         np.testing.assert_allclose(cut.determinant, whole[at], atol=1e-9)
         np.testing.assert_allclose(cut.in_plane, displacement[[k for k in range(3) if k != axis]][(slice(None), *at)],
                                    atol=1e-9)
-        assert cut.rows_up == (axis != 0)
+        assert cut.rows_up == (axis != 0)  # superior at the top of the coronal and sagittal planes
     assert figure["folded_fraction"] == result.metrics["folding_fraction"] == pytest.approx(np.mean(whole <= 0))
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
@@ -538,10 +544,10 @@ def test_3d_qa_figure_shows_three_planes_where_the_warped_mask_is_largest(tmp_pa
     # Without a mask, the middle slices; a mask widest on the first slice gives the second, which
     # has a neighbour on each side.
     plain = register(volume, floating, model, mode="volume", device="cpu", max_iterations=2)._qa_planes()
-    assert [cut.name for cut in plain["planes"]] == ["k = 7", "j = 16", "i = 16"]
+    assert [cut.name for cut in plain["planes"]] == ["axial (j = 16)", "coronal (k = 7)", "sagittal (i = 16)"]
     array[0] = 1
     edge = register(volume, floating, floating_mask=imageio.image_like(array, volume), network=False)._qa_planes()
-    assert edge["planes"][0].name == "k = 1"
+    assert edge["planes"][1].name == "coronal (k = 1)"
 
 
 @pytest.mark.parametrize("slices", [1, 5])
@@ -555,7 +561,7 @@ def test_qa_figure_of_a_thin_volume(tmp_path, slices, read_test_image):
     result = register(volume, volume, reference_mask=labels, floating_mask=labels,
                       optimisation_iterations=2, optimisation_levels=1)
     planes = result._qa_planes()["planes"]
-    assert [cut.name[0] for cut in planes] == (["k"] if slices == 1 else ["k", "j", "i"])
+    assert [cut.name.split()[0] for cut in planes] == (["axial"] if slices == 1 else ["axial", "coronal", "sagittal"])
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
 
