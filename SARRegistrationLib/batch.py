@@ -43,6 +43,7 @@ from .devices import resolve_device
 from .distributed import join_process_group
 from .errors import DeviceError, ManifestError, OutputError, RegistrationCancelled, SARError, SettingsError
 from .finetuning import CancelCheck, ProgressCallback
+from .metrics import OVERLAP_MEASURES
 from .model import SARModel, load_model
 from .registration import network_dimension, register, uses_network
 from .staging import interrupts_recorded, staged_output_dir
@@ -53,11 +54,11 @@ REPORT_FILES = ("report.csv", "report.json", "labels.csv")
 # Statuses of a report row; the first two are success.
 REGISTERED, SKIPPED, FAILED, INTERRUPTED, NOT_STARTED = \
     "registered", "skipped", "failed", "interrupted", "not started"
-REPORT_COLUMNS = ("id", "status", "error", "dice_before", "dice_after", "hd95_mm_before", "hd95_mm_after",
-                  "mad_mm_before", "mad_mm_after", "folding_fraction", "iterations", "optimisation_iterations",
-                  "seconds", "device", "rank", "reference", "floating")
-MEASURES = ("dice", "hd95_mm", "mad_mm")
-LABEL_COLUMNS = ("id", "label", *(f"{name}_{when}" for name in MEASURES for when in ("before", "after")))
+# Each overlap measure before and after: dice_before, dice_after, hd95_mm_before, ...
+MEASURE_COLUMNS = tuple(f"{name}_{when}" for name in OVERLAP_MEASURES for when in ("before", "after"))
+REPORT_COLUMNS = ("id", "status", "error", *MEASURE_COLUMNS, "folding_fraction", "iterations",
+                  "optimisation_iterations", "seconds", "device", "rank", "reference", "floating")
+LABEL_COLUMNS = ("id", "label", *MEASURE_COLUMNS)
 # The options of a batch are those of register() but what each pair brings.
 _REGISTER_PARAMETERS = inspect.signature(register).parameters
 REGISTER_OPTIONS = tuple(name for name in _REGISTER_PARAMETERS if name not in (
@@ -284,15 +285,20 @@ def _row(pair: Pair, status: str, rank: int, device: str | None, metrics: dict |
     """A report row (:data:`REPORT_COLUMNS`, and ``labels``: each label's measures, for label maps
     measured label by label, else None); measures are None where the pair has none."""
     metrics = metrics or {}
-    measures = {f"{name}_{when}": metrics.get(when, {}).get(name) for name in MEASURES for when in ("before", "after")}
-    by_label = [metrics.get(when, {}).get("labels") or {} for when in ("before", "after")]
-    labels = {label: {f"{name}_{when}": values.get(label, {}).get(name) for name in MEASURES
-                      for when, values in zip(("before", "after"), by_label)} for label in by_label[1]} or None
-    return {"id": pair.id, "status": status, "error": error, **measures,
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    labels = {label: _measures(before.get("labels", {}).get(label, {}), values)
+              for label, values in after.get("labels", {}).items()} or None
+    return {"id": pair.id, "status": status, "error": error, **_measures(before, after),
             "folding_fraction": metrics.get("folding_fraction"), "iterations": metrics.get("iterations"),
             "optimisation_iterations": (metrics.get("instance_optimisation") or {}).get("iterations"),
             "seconds": metrics.get("seconds"), "device": metrics.get("device", device), "rank": rank,
             "reference": str(pair.reference), "floating": str(pair.floating), "labels": labels}
+
+
+def _measures(before: dict, after: dict) -> dict:
+    """:data:`MEASURE_COLUMNS` of one structure's measures before and after (None where absent)."""
+    return {f"{name}_{when}": values.get(name) for name in OVERLAP_MEASURES
+            for when, values in (("before", before), ("after", after))}
 
 
 def _all_options(register_options: dict) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+OVERLAP_MEASURES = ("dice", "hd95_mm", "mad_mm")  # the keys of overlap_metrics and label_overlap_metrics
+
 
 def _as_mask_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a) != 0, np.asarray(b) != 0
@@ -176,7 +178,7 @@ def label_overlap_metrics(reference_labels, warped_labels, spacing, labels=None)
         per_label[str(label.item())] = overlap_metrics(reference_labels[crop] == label, warped_labels[crop] == label,
                                                        spacing)
     summary = {name: float(np.mean([values[name] for values in per_label.values()])) if per_label else
-               (1.0 if name == "dice" else 0.0) for name in ("dice", "hd95_mm", "mad_mm")}
+               (1.0 if name == "dice" else 0.0) for name in OVERLAP_MEASURES}
     return {**summary, "labels": per_label}
 
 

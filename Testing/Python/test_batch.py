@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from helpers import one_torch_thread, small_label, small_pair_2d  # noqa: F401  (autouse fixture)
 from SARRegistrationLib import batch, cli
+from SARRegistrationLib.metrics import OVERLAP_MEASURES
 from SARRegistrationLib.errors import RegistrationCancelled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +157,7 @@ def test_label_maps_are_reported_label_by_label(read_test_image, tmp_path):
     report = json.loads((output / "report.json").read_text())["rows"]
     for row in table:
         metrics = json.loads((output / row["id"] / "metrics.json").read_text())
-        for name in batch.MEASURES:
+        for name in OVERLAP_MEASURES:
             for when in ("before", "after"):
                 assert float(row[f"{name}_{when}"]) == metrics[when]["labels"][row["label"]][name]
         by_id = next(entry for entry in report if entry["id"] == row["id"])
