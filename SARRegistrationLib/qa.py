@@ -75,8 +75,8 @@ def focus(mask, shape) -> tuple:
     """For each array axis, the slice where ``mask`` (an array or None) covers most voxels, or the
     middle one, moved inside by a slice where needed so that it has a neighbour on each side."""
     centre = [n // 2 for n in shape]
-    if mask is not None and np.any(mask):
-        covered = np.asarray(mask) != 0
+    covered = None if mask is None else np.asarray(mask) != 0
+    if covered is not None and covered.any():
         for axis in range(covered.ndim):
             areas = np.count_nonzero(covered, axis=tuple(k for k in range(covered.ndim) if k != axis))
             centre[axis] = int(np.argmax(areas))
