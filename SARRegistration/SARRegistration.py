@@ -209,7 +209,14 @@ def migrateParameterNode(node) -> None:
             node.SetParameter(name, renamed[value])
 
 
-class NetworkUse(enum.Enum):
+class _AutoOnOff:
+    """The engine value of an AUTO / ON / OFF choice: None (the engine's default), True or False."""
+
+    def engineValue(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.value]
+
+
+class NetworkUse(_AutoOnOff, enum.Enum):
     """The engine's ``network=``; auto: the network runs when weights are given."""
 
     AUTO = "auto"
@@ -220,9 +227,6 @@ class NetworkUse(enum.Enum):
         return {NetworkUse.AUTO: _("When a weights file is given (the engine's default)"),
                 NetworkUse.ON: _("Always (the shipped weights by default)"),
                 NetworkUse.OFF: _("Never: instance optimisation alone")}[self]
-
-    def engineValue(self) -> bool | None:
-        return {NetworkUse.AUTO: None, NetworkUse.ON: True, NetworkUse.OFF: False}[self]
 
 
 class ImageSimilarity(enum.Enum):
@@ -242,7 +246,7 @@ class ImageSimilarity(enum.Enum):
         return None if self is ImageSimilarity.AUTO else self.value
 
 
-class CtEqualisation(enum.Enum):
+class CtEqualisation(_AutoOnOff, enum.Enum):
     """The engine's ``optimisation_equalise=``; auto: when both volumes are CT (Hounsfield units)."""
 
     AUTO = "auto"
@@ -252,9 +256,6 @@ class CtEqualisation(enum.Enum):
     def label(self) -> str:
         return {CtEqualisation.AUTO: _("When both volumes are CT (the engine's default)"),
                 CtEqualisation.ON: _("Always"), CtEqualisation.OFF: _("Never")}[self]
-
-    def engineValue(self) -> bool | None:
-        return {CtEqualisation.AUTO: None, CtEqualisation.ON: True, CtEqualisation.OFF: False}[self]
 
 
 class RegistrationPreset(enum.Enum):
