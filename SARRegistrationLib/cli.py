@@ -190,9 +190,54 @@ def _run_register(args) -> int:
     with _ProgressBar("registering") as bar:
         result = register(**inputs, **_registration_kwargs(args), progress=bar.update)
     written = result.save(args.output_dir, qa_figure=not args.no_qa)
-    print(json.dumps(result.metrics, indent=2))
-    print("wrote " + ", ".join(str(path) for path in written))
+    print("\n".join(summary_lines(result.metrics)))
+    print("wrote " + ", ".join(str(path) for path in written) + " (metrics.json holds the whole record)")
     return 0
+
+
+LABELS_LISTED = 10  # a label map with more labels has only its lowest Dice after registration listed
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """What ``register`` prints: what ran, the field's folding and reach, and the masks' overlap
+    before and after (each label's, for label maps of at most LABELS_LISTED labels). metrics.json
+    holds everything, the loss of every iteration included."""
+    stages = []
+    if metrics["affine_prealignment"]:
+        stages.append("affine pre-alignment")
+    if metrics["network"]:
+        tuned = (f"finetuned ({metrics['iterations']} iterations)" if metrics["finetuned"] and not metrics["finetuning_declined"]
+                 else "finetuning declined (it matched worse)" if metrics["finetuning_declined"] else "not finetuned")
+        stages.append(f"network, {tuned}")
+    optimisation = metrics.get("instance_optimisation")
+    if optimisation:
+        settings = [f"{optimisation['levels']} levels", f"{optimisation['iterations']} iterations",
+                    optimisation["similarity"].upper().replace("MIND", "MIND-SSC")]
+        settings += [name for name, on in (("bias field", optimisation["bias_field"]),
+                                           ("equalised", optimisation["equalised"])) if on]
+        kept = ", first estimate kept (it matched better)" if optimisation["kept_first_estimate"] else ""
+        stages.append(f"instance optimisation ({', '.join(settings)}){kept}")
+    slicewise = " slice by slice" if metrics["mode"] == "slicewise" else ""
+    lines = [f"registered{slicewise} in {metrics['seconds']:.2f} s: {'; '.join(stages) or 'identity'}",
+             f"folded voxels {100 * metrics['folding_fraction']:.3f} %, largest displacement "
+             f"{metrics['max_displacement_mm']:.2f} mm"]
+    if "after" not in metrics:
+        return lines
+    before, after = metrics["before"], metrics["after"]
+    labels = after.get("labels", {})
+    lines.append(f"{'masks' if not labels else f'mean over {len(labels)} labels':<24}{'before':>8}{'after':>8}")
+    lines += [f"  {name:<22}{before[key]:>8.3f}{after[key]:>8.3f}" if key == "dice" else
+              f"  {name:<22}{before[key]:>8.2f}{after[key]:>8.2f}"
+              for key, name in (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"), ("mad_mm", "MAD (mm)"))]
+    if labels:
+        listed = labels if len(labels) <= LABELS_LISTED else dict(sorted(labels.items(), key=lambda item: item[1]["dice"])[:3])
+        lines.append("each label, before -> after" if len(listed) == len(labels) else
+                     f"the {len(listed)} labels of lowest Dice after registration, before -> after (every label's in metrics.json)")
+        lines += [f"  label {value}: Dice {before['labels'][value]['dice']:.3f} -> {measures['dice']:.3f}, "
+                  f"HD95 {before['labels'][value]['hd95_mm']:.2f} -> {measures['hd95_mm']:.2f} mm, "
+                  f"MAD {before['labels'][value]['mad_mm']:.2f} -> {measures['mad_mm']:.2f} mm"
+                  for value, measures in listed.items()]
+    return lines
 
 
 def _run_batch(args) -> int:

@@ -106,7 +106,7 @@ def test_a_switch_of_instance_optimisation_reaches_the_engine_from_the_command_l
         assert json.loads((output / "metrics.json").read_text())["instance_optimisation"][key] is expected
 
 
-def test_register_with_masks_and_qa_figure(tmp_path, inputs):
+def test_register_with_masks_and_qa_figure(tmp_path, inputs, capsys):
     output = tmp_path / "result"
     args = _register_args(inputs, output, "--reference-mask", str(inputs["reference_mask"]),
                           "--floating-mask", str(inputs["floating_mask"]), "--no-finetune")
@@ -114,6 +114,35 @@ def test_register_with_masks_and_qa_figure(tmp_path, inputs):
     assert sorted(p.name for p in output.iterdir()) == sorted(FIVE_OUTPUTS + ["qa.png", "warped_floating_mask.nrrd"])
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["iterations"] == 0 and set(metrics["after"]) == {"dice", "hd95_mm", "mad_mm"}
+    # stdout: a summary of metrics.json, not the file again (its iterations' losses alone are hundreds of lines)
+    stdout = capsys.readouterr().out.splitlines()
+    assert stdout[0].startswith("registered in ") and "network, not finetuned; instance optimisation (3 levels" in stdout[0]
+    dice = next(line.split() for line in stdout if line.split()[:1] == ["Dice"])
+    assert dice[1:] == [f"{metrics['before']['dice']:.3f}", f"{metrics['after']['dice']:.3f}"]
+    assert len(stdout) < 10
+
+
+def test_the_printed_summary_lists_few_labels_and_the_worst_of_many():
+    def measures(dice):
+        return {"dice": dice, "hd95_mm": 1.0, "mad_mm": 0.5}
+
+    def metrics(count):
+        labels = {str(value): measures(0.5 + value / 100) for value in range(1, count + 1)}
+        return {"mode": "image", "affine_prealignment": True, "network": True, "finetuned": True, "iterations": 7,
+                "finetuning_declined": True, "seconds": 1.234, "folding_fraction": 0.0012, "max_displacement_mm": 9.5,
+                "before": {**measures(0.4), "labels": {value: measures(0.1) for value in labels}},
+                "after": {**measures(0.55), "labels": labels}}
+
+    few = cli.summary_lines(metrics(cli.LABELS_LISTED))
+    assert few[0] == "registered in 1.23 s: affine pre-alignment; network, finetuning declined (it matched worse)"
+    assert few[1] == "folded voxels 0.120 %, largest displacement 9.50 mm"
+    assert [line.split(":")[0].strip() for line in few if line.strip().startswith("label ")] == \
+        [f"label {value}" for value in range(1, cli.LABELS_LISTED + 1)]
+    many = cli.summary_lines(metrics(cli.LABELS_LISTED + 5))
+    assert f"mean over {cli.LABELS_LISTED + 5} labels" in many[2]
+    listed = [line for line in many if line.strip().startswith("label ")]
+    assert [line.split(":")[0].strip() for line in listed] == ["label 1", "label 2", "label 3"]  # the lowest Dice
+    assert listed[0].endswith("Dice 0.100 -> 0.510, HD95 1.00 -> 1.00 mm, MAD 0.50 -> 0.50 mm")
 
 
 def test_a_floating_label_map_alone_is_warped_with_its_labels(tmp_path, inputs):
