@@ -2,9 +2,9 @@
 
 The manifest has a header line; its columns are ``reference`` and ``floating`` and, optionally,
 ``reference_mask``, ``floating_mask``, ``ignore_mask`` and ``id`` (by default the floating file's
-name without its suffix); its columns are separated by commas, semicolons or tabs, as the header
-line shows. Relative paths are relative to the manifest's folder. Pair ``id`` is
-registered by :func:`registration.register` and saved by :meth:`RegistrationResult.save` into
+name without its suffix, or its DICOM series folder's name); its columns are separated by commas,
+semicolons or tabs, as the header line shows. Relative paths are relative to the manifest's folder.
+Pair ``id`` is registered by :func:`registration.register` and saved by :meth:`RegistrationResult.save` into
 ``OUTPUT/id/``: the files ``register`` writes, all of them or none. ``OUTPUT/report.csv`` and
 ``OUTPUT/report.json`` get one row per pair; ``OUTPUT/labels.csv`` one per label of each pair whose
 masks are label maps, measured label by label (only its header when there are none).
@@ -387,8 +387,11 @@ def _check_ids(ids: list[str], places: list[str]) -> None:
 
 
 def _name_without_suffix(path: Path) -> str:
-    """A file's name without its image suffix (``scan.nii.gz`` -> ``scan``)."""
+    """A file's name without its image suffix (``scan.nii.gz`` -> ``scan``); a folder's (a DICOM
+    series') whole name, dots and all (``CT.2024.01`` stays so)."""
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in sorted(imageio.SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]

@@ -41,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="{register,batch,train,evaluate}")
 
     register = commands.add_parser("register", help="register a floating image to a reference image")
-    register.add_argument("--reference", type=Path, help="reference (fixed) image file")
-    register.add_argument("--floating", type=Path, help="floating (moving) image file")
+    register.add_argument("--reference", type=Path,
+                          help="reference (fixed) image file, or a DICOM series: its folder or one of its files")
+    register.add_argument("--floating", type=Path,
+                          help="floating (moving) image file, or a DICOM series: its folder or one of its files")
     register.add_argument("--sample", action="store_true",
                           help="register the bundled sample pair (BrainWeb PD reference, deformed T1, ventricles)")
     register.add_argument("--output-dir", type=Path, required=True)
@@ -74,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a SAR model on images with optional masks")
     train.add_argument("--images", nargs="+", type=Path, default=[],
                        help="image files or folders (folders: every image in them: "
-                            f"{', '.join('*' + suffix for suffix in SUPPORTED_SUFFIXES)})")
+                            f"{', '.join('*' + suffix for suffix in SUPPORTED_SUFFIXES)}; "
+                            "a folder of none of these: the DICOM series it holds, as one image)")
     train.add_argument("--masks", type=Path, help="folder of masks named like their images")
     train.add_argument("--split", action="store_true",
                        help="train on the training fold of a patient-level 70/10/20 split (ChestX-ray14 names)")

@@ -165,11 +165,13 @@ class SyntheticPairDataset(_PairDataset):
 
 
 def expand_image_paths(paths) -> list[Path]:
-    """Files as given, folders as every image file in them (sorted)."""
+    """Files as given, folders as every image file in them (sorted), or as themselves where they hold
+    none (a DICOM series' folder, which :func:`read_image` reads as one volume)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.name.lower().endswith(SUPPORTED_SUFFIXES)))
+            images = sorted(p for p in path.iterdir() if p.name.lower().endswith(SUPPORTED_SUFFIXES))
+            files.extend(images or [path])
         else:
             files.append(path)
     return files

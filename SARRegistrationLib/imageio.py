@@ -7,6 +7,7 @@ array: whatever leaves this module as an array comes back through a SimpleITK im
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import struct
@@ -18,28 +19,120 @@ import SimpleITK as sitk
 from .errors import InputImageError, last_line
 
 SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png")
+READABLE = (f"{', '.join(SUPPORTED_SUFFIXES)} files and DICOM series: a folder of one series, "
+            "or any one file of a series")
 # Fewer voxels than this along a registered axis leave nothing to deform.
 MIN_VOXELS_PER_AXIS = 4
+SERIES_UID, SERIES_DESCRIPTION, MODALITY = "0020|000e", "0008|103e", "0008|0060"
 
 
 def read_image(path, role: str = "image", allow_constant: bool = False) -> sitk.Image:
-    """Read an image file and check that it can be registered.
+    """Read an image file, or a DICOM series, and check that it can be registered.
 
-    Colour files whose channels are all equal (grey PNGs saved as RGB) are read as one channel.
-    ``role`` names the input in error messages ("reference", "floating mask", ...).
+    A folder is read as the one DICOM series it holds, and a DICOM file as the whole series it
+    belongs to in its folder (alone where it is alone in its series), so one file picks one series
+    out of a folder of several. Colour files whose channels are all equal (grey PNGs saved as RGB)
+    are read as one channel. ``role`` names the input in error messages ("reference", "floating
+    mask", ...).
     """
     path = Path(path)
-    if not path.is_file():
+    is_folder = path.is_dir()
+    if not is_folder and not path.is_file():
         raise InputImageError(f"The {role} file {str(path)!r} does not exist.")
     try:
-        image = sitk.ReadImage(str(path))
+        if is_folder:
+            image = _read_dicom_folder(path, role)
+        elif _is_dicom(path):
+            image = _read_dicom_series_of(path)
+        else:
+            image = sitk.ReadImage(str(path))
+            _check_nifti_complete(path, role)
     except RuntimeError as error:
         reason = last_line(error, "unknown reason")
         if "Unable to determine ImageIO reader" in reason:
-            reason = f"its format is not recognised or it is damaged (SAR reads {', '.join(SUPPORTED_SUFFIXES)})"
-        raise InputImageError(f"The {role} file {str(path)!r} could not be read as an image: {reason}.") from None
-    _check_nifti_complete(path, role)
+            reason = f"its format is not recognised or it is damaged (SAR reads {READABLE})"
+        raise InputImageError(f"The {role} {'folder' if is_folder else 'file'} {str(path)!r} could not be read "
+                              f"as an image: {reason}.") from None
     return check_image(image, role, allow_constant)
+
+
+def _is_dicom(path: Path) -> bool:
+    """A ``.dcm`` file, or any with the DICOM part 10 marker "DICM" at byte 128 (many have no suffix)."""
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _itk_warnings_off():
+    """GDCM's series scan prints ITK warnings ("No Series were found") where SAR raises a clearer error."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _series_files(folder: Path, uid: str) -> tuple[str, ...]:
+    """The files of series ``uid`` in ``folder``, in slice order."""
+    with _itk_warnings_off():
+        return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+
+
+def _read_series(files) -> sitk.Image:
+    """Several files stacked by the series reader, which takes the slice spacing from their
+    positions; one file (a multi-frame volume, or one slice: an X-ray, say) as it is, except that a
+    single slice is a 2D image, as a PNG of it would be (ITK reads it as a volume one slice thick)."""
+    image = sitk.ReadImage(list(files) if len(files) > 1 else files[0])
+    return image[:, :, 0] if image.GetDimension() == 3 and image.GetSize()[2] == 1 else image
+
+
+def _dicom_tags(path, keys) -> dict[str, str]:
+    """The tags ``keys`` that the file holds, without DICOM's padding."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return {key: reader.GetMetaData(key).strip(" \0") for key in keys if reader.HasMetaDataKey(key)}
+
+
+def _read_dicom_series_of(path: Path) -> sitk.Image:
+    """The series of the DICOM file ``path``: the files of its folder with its SeriesInstanceUID."""
+    uid = _dicom_tags(path, [SERIES_UID]).get(SERIES_UID)
+    files = _series_files(path.parent, uid) if uid else ()
+    if path.name not in {Path(name).name for name in files}:
+        files = (str(path),)
+    return _read_series(files)
+
+
+def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
+    """The one DICOM series of ``folder`` (not its subfolders)."""
+    with _itk_warnings_off():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise InputImageError(f"The {role} folder {str(folder)!r} holds no DICOM series (its subfolders are not "
+                              f"searched). SAR reads {READABLE}.")
+    files = {uid: _series_files(folder, uid) for uid in uids}
+    if len(uids) > 1:
+        listing = "; ".join(_series_summary(uid, names) for uid, names in files.items())
+        raise InputImageError(f"The {role} folder {str(folder)!r} holds {len(uids)} DICOM series: {listing}. Give "
+                              "one file of the series you want, or a folder that holds only that series.")
+    return _read_series(files[uids[0]])
+
+
+def _series_summary(uid: str, files) -> str:
+    """``uid (n files, modality, 'description')``, the tags from its first file where it has them."""
+    try:
+        tags = _dicom_tags(files[0], [MODALITY, SERIES_DESCRIPTION])
+    except RuntimeError:
+        tags = {}
+    details = [f"{len(files)} file{'s' if len(files) != 1 else ''}", tags.get(MODALITY),
+               repr(tags[SERIES_DESCRIPTION]) if tags.get(SERIES_DESCRIPTION) else None]
+    return f"{uid} ({', '.join(detail for detail in details if detail)})"
 
 
 def _check_nifti_complete(path: Path, role: str) -> None:
