@@ -88,7 +88,7 @@ class OptimisationSettings:
     levels: int = 3  # resolution levels, coarsest first: images shrunk by 2**(levels-1), ..., 1
     iterations: int | None = None  # Adam iterations per level (None: see DIMENSION_DEFAULTS)
     samples: int = 16384  # voxels compared per iteration; every voxel when a level has fewer
-    control_spacing: int = 8  # voxels of a level between control points
+    control_spacing: int = 8  # voxels of a level between control points (see _control_shape for thick slices)
     learning_rate: float = 0.6  # mm per step at the finest level, at most one voxel (a level k times coarser: k times more)
     smoothness: float = 0.5  # weight of the diffusion penalty on the control grid
     mask_weight: float = 0.0  # weight of the log-Dice of SAR's own masks
@@ -175,7 +175,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
                       settings: OptimisationSettings | None = None, *, reference_mask: torch.Tensor | None = None,
                       floating_mask: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
                       floating_map=None, floating_on_reference: torch.Tensor | None = None, skip_outside: bool = False,
-                      spacing=None, progress: ProgressCallback | None = None,
+                      spacing=None, floating_spacing=None, progress: ProgressCallback | None = None,
                       cancel: Callable[[], bool] | None = None) -> OptimisationResult:
     """Optimise ``initial + residual`` so that ``floating`` warped by it matches ``reference``.
 
@@ -198,7 +198,10 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         reference_mask, floating_mask: SAR's soft masks ``(1, 1, *spatial)``, for ``mask_weight``.
         ignore_mask: ``(1, 1, *spatial)`` in [0, 1], 1 where the images are not compared.
         spacing: the grid's voxel size in mm per array axis (1 mm if None), which turns
-            ``learning_rate`` into voxels per step along each axis (at most one).
+            ``learning_rate`` into voxels per step along each axis (at most one) and sets how much
+            each level shrinks each axis and where the control points lie (:func:`level_factors`).
+        floating_spacing: with ``floating_map``, the floating image's own voxel size in mm per
+            array axis, for its levels (None: shrunk alike along every axis).
 
     The objective is measured on one fixed set of voxels before and after; if the residual did not
     lower it, the initial field is returned unchanged, so this stage never ends worse (by its own
@@ -223,8 +226,8 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     generator = np.random.default_rng(settings.seed)
 
     def images_at(factor: int) -> dict:
-        level_shape = tuple(-(-n // factor) for n in shape)
-        floating_shape = tuple(-(-n // factor) for n in floating.shape[2:])
+        level_shape = tuple(-(-n // f) for n, f in zip(shape, level_factors(factor, spacing)))
+        floating_shape = tuple(-(-n // f) for n, f in zip(floating.shape[2:], level_factors(factor, floating_spacing)))
         images = {"reference": downsample(reference, level_shape), "floating": downsample(floating, floating_shape)}
         if floating_map is not None:
             images["floating_map"], images["skip_outside"] = floating_map, skip_outside
@@ -239,9 +242,11 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
             images["floating_mask"] = downsample(floating_mask, level_shape)
         return images
 
+    spacing = (1.0,) * ndims if spacing is None else tuple(float(size) for size in spacing)
+    floating_spacing = (spacing if floating_map is None else (1.0,) * ndims) if floating_spacing is None \
+        else tuple(float(size) for size in floating_spacing)
     finest = images_at(1)
     evaluation_points = _points(shape, settings.samples * 4, np.random.default_rng(settings.seed + 1), reference)
-    spacing = (1.0,) * ndims if spacing is None else tuple(float(size) for size in spacing)
 
     def per_axis(values) -> torch.Tensor:  # (1, ndims, 1, ...) from values in array axis order, x first
         return torch.tensor(values[::-1], dtype=reference.dtype, device=reference.device).view(
@@ -265,9 +270,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
         factor = 2 ** (settings.levels - 1 - level)
         images = finest if factor == 1 else images_at(factor)
         level_shape = tuple(images["reference"].shape[2:])
-        # Two control points at least along an axis, one along a single-voxel axis (a slice: no motion there).
-        control_shape = tuple(1 if n == 1 else max(2, -(-(n - 1) // settings.control_spacing) + 1)
-                              for n in level_shape)
+        control_shape = _control_shape(level_shape, spacing, factor, settings.control_spacing)
         residual = torch.zeros(1, ndims, *control_shape, dtype=reference.dtype, device=reference.device) \
             if residual is None else _resize(residual.detach(), control_shape)
         residual.requires_grad_(True)
@@ -298,7 +301,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
             points = every_voxel if every_voxel is not None else _points(level_shape, samples, generator, reference)
             adam.zero_grad()
             loss = _objective(images, start, residual * step_voxels, points, settings, use_masks, shape, to_normalised,
-                              None if gain is None else gain * BIAS_FIELD_STEP)
+                              None if gain is None else gain * BIAS_FIELD_STEP, spacing)
             loss.backward()
             adam.step()
             if factor == 1 and iteration >= iterations - averaged_count:
@@ -315,7 +318,7 @@ def optimise_residual(reference: torch.Tensor, floating: torch.Tensor, initial: 
     with torch.no_grad():
         residual = residual * step_voxels
         final_loss = float(_objective(finest, start, residual, evaluation_points, settings, use_masks, shape, to_normalised,
-                                      None if gain is None else gain * BIAS_FIELD_STEP))
+                                      None if gain is None else gain * BIAS_FIELD_STEP, spacing))
         if initial is None:
             initial = torch.zeros(1, ndims, *shape, dtype=reference.dtype, device=reference.device)
         if final_loss >= start_loss:
@@ -372,7 +375,7 @@ def _sample(volume: torch.Tensor, grid: torch.Tensor, padding: str = "border") -
 
 def _objective(images: dict, start: torch.Tensor | None, residual: torch.Tensor | None, points: torch.Tensor,
                settings: OptimisationSettings, use_masks: bool, full_shape, to_normalised: torch.Tensor,
-               gain: torch.Tensor | None = None) -> torch.Tensor:
+               gain: torch.Tensor | None = None, spacing=None) -> torch.Tensor:
     """The similarity (``2 - NMI``, the MIND-SSC difference or both; + log-Dice of the masks, + diffusion
     of the residual) at ``points`` (:func:`_points`).
 
@@ -422,21 +425,49 @@ def _objective(images: dict, start: torch.Tensor | None, residual: torch.Tensor 
         loss = loss + settings.mask_weight * losses.log_dice_loss(
             _sample(images["floating_mask"], at_moved), _sample(images["reference_mask"], at_points))
     if residual is not None and settings.smoothness:
-        loss = loss + settings.smoothness * _diffusion(residual, full_shape)
+        loss = loss + settings.smoothness * _diffusion(residual, full_shape, spacing)
     return loss
 
 
-def _diffusion(control: torch.Tensor, full_shape) -> torch.Tensor:
-    """Mean squared difference of neighbouring control points, per voxel of their spacing (unitless)."""
+def _diffusion(control: torch.Tensor, full_shape, grid_spacing=None) -> torch.Tensor:
+    """Mean squared difference of neighbouring control points, per voxel of their spacing along the
+    finest axis of the optimisation grid (``grid_spacing``, mm per array axis; None: all alike), so
+    that a difference across thick slices counts by its length in mm."""
     total = 0.0
+    relative = (1.0,) * len(full_shape) if grid_spacing is None else [size / min(grid_spacing) for size in grid_spacing]
     for axis in range(control.dim() - 2):
         count = control.shape[axis + 2]
         if count < 2:
             continue
-        spacing = (full_shape[axis] - 1) / (count - 1)  # voxels of the optimisation grid between control points
+        # The finest axis's voxels of the optimisation grid between control points.
+        spacing = (full_shape[axis] - 1) / (count - 1) * relative[axis]
         step = torch.diff(control, dim=axis + 2) / spacing
         total = total + (step * step).mean()  # not pow(): see optimisers.Adam on threaded unary ops
     return total
+
+
+def level_factors(factor: int, spacing) -> tuple[int, ...]:
+    """How many voxels of each axis (``spacing``: mm per array axis) a level ``factor`` times coarser
+    than the finest merges into one: ``factor`` along the finest axes, fewer along coarser ones, so
+    that no axis of the level is coarser than ``factor`` times the finest spacing. Thick slices
+    (1 x 1 x 4 mm) are kept until the level's in-plane voxels are as thick; shrunk alike, they were
+    16 mm thick at the coarsest level, where the in-plane voxels were 4 mm."""
+    finest = min(spacing)
+    return tuple(max(1, int(factor * finest / size + 1e-6)) for size in spacing)
+
+
+def _control_shape(level_shape, spacing, factor: int, control_spacing: int) -> tuple[int, ...]:
+    """Control points along each axis of a level: one every ``control_spacing * factor`` voxels of
+    the full-resolution grid, as on cubic voxels, but at most twice as far apart in mm as along the
+    finest axes. On thick slices (1 x 1 x 4 mm) a point every 8 slices was 32 mm apart across them
+    and 8 mm within them; so capped, 16 mm. Two points at least, one along a single-voxel axis (a
+    slice: no motion there)."""
+    finest = min(spacing)
+    counts = []
+    for n, size, shrunk in zip(level_shape, spacing, level_factors(factor, spacing)):
+        voxels = min(control_spacing * factor, 2 * control_spacing * factor * finest / size) / shrunk  # of this level
+        counts.append(1 if n == 1 else max(2, math.ceil((n - 1) / voxels - 1e-9) + 1))
+    return tuple(counts)
 
 
 def _resize(field: torch.Tensor, shape) -> torch.Tensor:

@@ -458,7 +458,7 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
     # On the reference's grid: the floating image itself, or (read natively) for MIND-SSC alone.
     resampled = network_input(floating, grid, False, device, prealignment) \
         if native is None or "mind" in resolved.similarity else None
-    moving, floating_map = native if native is not None else (resampled, None)
+    moving, floating_map, floating_spacing = native if native is not None else (resampled, None, None)
     initial = None
     if field_voxels is not None:
         initial = torch.from_numpy(np.ascontiguousarray(_resampled_field(field_voxels, field_grid, grid), np.float32))
@@ -472,7 +472,8 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
     skip_outside = native is not None and overlap < PARTIAL_COVERAGE
     result = optimise_residual(fixed, moving, initial, settings, ignore_mask=ignore, floating_map=floating_map,
                                floating_on_reference=None if native is None else resampled, skip_outside=skip_outside,
-                               spacing=grid.GetSpacing()[::-1], progress=progress, cancel=cancel, **masks)
+                               spacing=grid.GetSpacing()[::-1], floating_spacing=floating_spacing, progress=progress,
+                               cancel=cancel, **masks)
     summary = {"levels": settings.levels, "iterations": result.iterations,
                "similarity": resolved.similarity, "bias_field": resolved.bias_field, "equalised": settings.equalise,
                "loss_before": round(result.start_loss, 5), "loss_after": round(result.final_loss, 5),
@@ -484,16 +485,17 @@ def _instance_optimisation(reference, floating, prealignment, overlap: float, ig
 
 
 def _floating_on_its_own_grid(floating: sitk.Image, grid: sitk.Image, prealignment, device):
-    """The floating image on a working grid of its own and the map to it from ``grid`` through the
-    affine ``prealignment`` (None: none; see :func:`optimise_residual`'s ``floating_map``), or None
-    where that grid would be ``grid`` itself and nothing aligns it first (both ways then give the
-    same image)."""
+    """The floating image on a working grid of its own, the map to it from ``grid`` through the
+    affine ``prealignment`` (None: none; see :func:`optimise_residual`'s ``floating_map``) and the
+    own grid's voxel size (mm, array order); or None where that grid would be ``grid`` itself and
+    nothing aligns it first (both ways then give the same image)."""
     own_grid = grids.working_grid(floating, OPTIMISATION_GRID_SIZE[floating.GetDimension()], multiple=1)
     if prealignment is None and _same_geometry(own_grid, grid):
         return None
     linear, offset = grids.normalised_map(grid, own_grid, prealignment)
     as_tensor = lambda array: torch.tensor(array, dtype=torch.float32, device=device)  # noqa: E731
-    return network_input(floating, own_grid, False, device), (as_tensor(linear), as_tensor(offset))
+    return network_input(floating, own_grid, False, device), (as_tensor(linear), as_tensor(offset)), \
+        own_grid.GetSpacing()[::-1]
 
 
 def _same_geometry(grid: sitk.Image, reference: sitk.Image) -> bool:

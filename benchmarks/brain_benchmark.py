@@ -168,8 +168,9 @@ def group_pairs(group: Group, count: int, seed: int = 0, max_displacement_mm: fl
 
 
 def shrunk_pair(pair: Pair, factor: int = 2) -> Pair:
-    """A smaller copy of a pair, for untimed warm-up runs."""
-    shrink = lambda image: sitk.Shrink(image, [factor] * image.GetDimension())  # noqa: E731
+    """A smaller copy of a pair, for untimed warm-up runs. An axis of fewer than 32 voxels (thick
+    slices) is kept: Greedy's pyramid needs 4 voxels along every axis at its coarsest level."""
+    shrink = lambda image: sitk.Shrink(image, [factor if n >= 32 else 1 for n in image.GetSize()])  # noqa: E731
     return Pair(pair.dataset, -1, shrink(pair.reference), shrink(pair.floating), shrink(pair.reference_mask),
                 shrink(pair.floating_mask))
 

@@ -10,7 +10,9 @@ from SARRegistrationLib import register
 from SARRegistrationLib.deformations import known_deformation
 from SARRegistrationLib.errors import RegistrationCancelled, SettingsError
 from SARRegistrationLib.imageio import in_hounsfield_units
-from SARRegistrationLib.instance_optimisation import OptimisationSettings, equalised, optimise_residual
+from SARRegistrationLib.instance_optimisation import (OptimisationSettings, _control_shape, equalised, level_factors,
+                                                      optimise_residual)
+from SARRegistrationLib.synthetic import synthetic_sample
 from SARRegistrationLib.optimisers import Adam
 
 
@@ -146,6 +148,37 @@ def test_volume_moved_along_z_only_is_recovered_with_defaults(read_test_image):
     along_slices = recovered @ slice_axis
     assert abs(along_slices - 4.0) < 1.0, recovered
     assert np.linalg.norm(recovered - along_slices * slice_axis) < 1.0, recovered
+
+
+def test_levels_and_control_points_follow_the_voxels_size_in_mm():
+    # Cubic voxels: every axis shrunk alike, a control point every 8 voxels of a level.
+    assert level_factors(4, (2.0, 2.0, 2.0)) == (4, 4, 4)
+    assert _control_shape((12, 16, 16), (2.0, 2.0, 2.0), 4, 8) == (3, 3, 3)
+    assert _control_shape((48, 64, 64), (2.0, 2.0, 2.0), 1, 8) == (7, 9, 9)
+    # Thick slices (4 x 1 x 1 mm, array order): kept until the level's in-plane voxels are as thick.
+    assert [level_factors(factor, (4.0, 1.0, 1.0)) for factor in (1, 2, 4, 8)] == \
+        [(1, 1, 1), (1, 2, 2), (1, 4, 4), (2, 8, 8)]
+    # Control points 8 mm apart within the slices and 16 mm across them (not 32: every 8 slices).
+    assert _control_shape((24, 96, 96), (4.0, 1.0, 1.0), 1, 8) == (7, 13, 13)
+    assert _control_shape((24, 24, 24), (4.0, 1.0, 1.0), 4, 8) == (3, 4, 4)
+    assert _control_shape((1, 96, 96), (4.0, 1.0, 1.0), 1, 8) == (1, 13, 13)  # a single slice: no motion across it
+    # Voxels less than twice as thick (2 x 2 x 3 mm): a point every 8 voxels along every axis, as before.
+    assert level_factors(4, (3.0, 2.0, 2.0)) == (2, 4, 4)
+    assert _control_shape((62, 128, 128), (3.0, 2.0, 2.0), 1, 8) == (9, 17, 17)
+
+
+def test_thick_slices_are_registered_about_as_well_as_their_voxels_allow():
+    """Synthetic volumes of 1 x 1 x 4 mm voxels and known 6 mm B-splines. With levels and control
+    points counted in voxels alike along every axis (a point every 8 slices: 32 mm across them, 8 mm
+    within them), the mean field error was 0.48 and 0.51 mm on these two pairs; now 0.29 and 0.28."""
+    errors = []
+    for seed in (1, 2):
+        image, _ = synthetic_sample((16, 64, 64), np.random.default_rng(seed), spacing=(1.0, 1.0, 4.0))
+        reference, _, transform = known_deformation(image, None, np.random.default_rng(10 + seed), 6.0)
+        result = register(reference, image, device="cpu")
+        errors.append(np.linalg.norm(sitk.GetArrayFromImage(result.displacement) - _applied_field(transform, reference),
+                                     axis=-1).mean())
+    assert np.mean(errors) < 0.39, errors
 
 
 def test_bad_settings_are_refused(lung_pair):
