@@ -4,10 +4,11 @@ The manifest has a header line; its columns are ``reference`` and ``floating`` a
 ``reference_mask``, ``floating_mask``, ``ignore_mask`` and ``id`` (by default the floating file's
 name without its suffix, or its DICOM series folder's name); its columns are separated by commas,
 semicolons or tabs, as the header line shows. Relative paths are relative to the manifest's folder.
-Pair ``id`` is registered by :func:`registration.register` and saved by :meth:`RegistrationResult.save` into
-``OUTPUT/id/``: the files ``register`` writes, all of them or none. ``OUTPUT/report.csv`` and
-``OUTPUT/report.json`` get one row per pair; ``OUTPUT/labels.csv`` one per label of each pair whose
-masks are label maps, measured label by label (only its header when there are none).
+Pair ``id`` is registered by :func:`registration.register` and saved by
+:meth:`RegistrationResult.save` into ``OUTPUT/id/``: the files ``register`` writes, all of them or
+none. ``OUTPUT/report.csv`` and ``OUTPUT/report.json`` get one row per pair; ``OUTPUT/labels.csv``
+one per label of each pair whose masks are label maps, measured label by label (only its header
+when there are none).
 
 A pair that cannot be registered (a missing file, a NaN image, 2D against 3D) is reported as
 failed and the batch goes on; options that no pair can run with (:class:`SettingsError`,
