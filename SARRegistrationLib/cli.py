@@ -16,6 +16,7 @@ from .devices import DEVICE_CHOICES, resolve_device
 from .errors import SARError
 from .imageio import SUPPORTED_SUFFIXES
 from .instance_optimisation import SIMILARITIES
+from .metrics import OVERLAP_MEASURES
 from .registration import MODES
 from .sample import SAMPLE
 
@@ -231,7 +232,7 @@ def summary_lines(metrics: dict) -> list[str]:
     lines.append(f"{'masks' if not labels else f'mean over {len(labels)} labels':<24}{'before':>8}{'after':>8}")
     lines += [f"  {name:<22}{before[key]:>8.3f}{after[key]:>8.3f}" if key == "dice" else
               f"  {name:<22}{before[key]:>8.2f}{after[key]:>8.2f}"
-              for key, name in (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"), ("mad_mm", "MAD (mm)"))]
+              for key, name in OVERLAP_MEASURES.items()]
     if labels:
         listed = labels if len(labels) <= LABELS_LISTED else dict(sorted(labels.items(), key=lambda item: item[1]["dice"])[:3])
         lines.append("each label, before -> after" if len(listed) == len(labels) else

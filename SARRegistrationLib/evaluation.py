@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from . import imageio
 from .deformations import known_deformation
 from .devices import resolve_device
+from .metrics import OVERLAP_MEASURES
 from .model import load_model
 from .registration import network_dimension, register, uses_network
 
@@ -60,8 +61,7 @@ def summarise(rows: list[dict]) -> str:
     """A markdown table of mean ± standard deviation over the pairs."""
     columns = {"field error (mm)": lambda r, when: r["field_error_mm"][when]}
     if rows and "after" in rows[0]:
-        columns.update({"Dice": lambda r, when: r[when]["dice"], "HD95 (mm)": lambda r, when: r[when]["hd95_mm"],
-                        "MAD (mm)": lambda r, when: r[when]["mad_mm"]})
+        columns.update({name: (lambda r, when, key=key: r[when][key]) for key, name in OVERLAP_MEASURES.items()})
     # What ran, after registration only: the paper's finetuning and instance optimisation apart.
     ran = {"folded (%)": lambda r: 100 * r["folding_fraction"], "finetuning iterations": lambda r: r["iterations"],
            "optimisation iterations": lambda r: (r["instance_optimisation"] or {}).get("iterations", 0),

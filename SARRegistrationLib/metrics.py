@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-OVERLAP_MEASURES = ("dice", "hd95_mm", "mad_mm")  # the keys of overlap_metrics and label_overlap_metrics
+# The keys of overlap_metrics and label_overlap_metrics, in order, and how tables and summaries name them.
+OVERLAP_MEASURES = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "mad_mm": "MAD (mm)"}
 
 
 def _as_mask_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
